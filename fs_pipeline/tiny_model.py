@@ -1,0 +1,149 @@
+"""Generate a tiny random base model in the release layout (see models.py).
+
+    python -m fs_pipeline.tiny_model --output DIR [--seed N]
+
+It holds an LLM, tokenizer and codec of the same classes as a real release, only small (a few MB) and
+with random weights, so tests, the demo and benchmarks run the real loading code in seconds on a CPU.
+The output is byte-identical for a given seed.
+"""
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+import torch
+
+from fs_pipeline.models import CODEC_CONFIG_FILE, build_codec, DEFAULT_MODEL_VERSION, DERIVED_CODEC_BUFFERS, get_version
+
+# Common English letter pairs, merged on top of the 256 single bytes so that text takes fewer tokens.
+BIGRAMS = ["th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te", "of", "ed",
+           "is", "it", "al", "ar", "st", "to", "nt", "ng", "se", "ha", "as", "ou", "io", "le", " t", " a",
+           " s", " w", " o", " i", " b", " c", " m", " f"]
+SEMANTIC_CODEBOOK_SIZE = 64
+RESIDUAL_CODEBOOKS = 3
+RESIDUAL_CODEBOOK_SIZE = 32
+
+
+def tokenizer_ranks() -> dict[bytes, int]:
+    tokens = [bytes([i]) for i in range(256)] + [pair.encode() for pair in BIGRAMS]
+    return {token: rank for rank, token in enumerate(tokens)}
+
+
+def special_tokens(first_id: int) -> dict[str, int]:
+    from fish_speech.tokenizer import ALL_SPECIAL_TOKENS, SEMANTIC_TOKEN_TEMPLATE
+
+    names = [t for t in ALL_SPECIAL_TOKENS if not t.startswith("<|semantic:")]
+    names += [SEMANTIC_TOKEN_TEMPLATE.format(i=i) for i in range(SEMANTIC_CODEBOOK_SIZE)]
+    return {name: first_id + i for i, name in enumerate(names)}
+
+
+def codec_config(sample_rate: int) -> dict:
+    """The S1-mini codec's hydra config, scaled down: same classes and hop, no transformer layers."""
+    encoder_dim = 4
+    return {
+        "_target_": "fish_speech.models.dac.modded_dac.DAC",
+        "sample_rate": sample_rate,
+        "encoder_dim": encoder_dim,
+        "encoder_rates": [2, 4, 8, 8],
+        "decoder_dim": 32,
+        "decoder_rates": [8, 8, 4, 2],
+        "encoder_transformer_layers": [0, 0, 0, 0],
+        "decoder_transformer_layers": [0, 0, 0, 0],
+        "quantizer": {
+            "_target_": "fish_speech.models.dac.rvq.DownsampleResidualVectorQuantize",
+            "input_dim": encoder_dim * 2**4,
+            "n_codebooks": RESIDUAL_CODEBOOKS,
+            "codebook_size": RESIDUAL_CODEBOOK_SIZE,
+            "codebook_dim": 8,
+            "quantizer_dropout": 0.0,
+            "downsample_factor": [2, 2],
+            "semantic_codebook_size": SEMANTIC_CODEBOOK_SIZE,
+        },
+    }
+
+
+def llm_config(vocab_size: int):
+    from fish_speech.models.text2semantic.llama import DualARModelArgs
+
+    return DualARModelArgs(
+        vocab_size=vocab_size,
+        n_layer=2,
+        n_head=4,
+        n_local_heads=2,
+        head_dim=16,
+        dim=64,
+        intermediate_size=128,
+        rope_base=10000,
+        norm_eps=1e-6,
+        max_seq_len=2048,
+        tie_word_embeddings=False,
+        attention_qk_norm=True,
+        codebook_size=SEMANTIC_CODEBOOK_SIZE,
+        num_codebooks=1 + RESIDUAL_CODEBOOKS,
+        n_fast_layer=1,
+        fast_dim=64,
+        fast_n_head=4,
+        fast_n_local_heads=2,
+        fast_head_dim=16,
+        fast_intermediate_size=128,
+        scale_codebook_embeddings=True,
+        use_gradient_checkpointing=False,
+    )
+
+
+def write_tiny_model(output: Path, seed: int = 0, version_name: str = DEFAULT_MODEL_VERSION) -> Path:
+    """Write the tiny model to `output` atomically (built in a temp dir beside it, then renamed)."""
+    from fish_speech.models.text2semantic.llama import DualARTransformer
+    from fish_speech.tokenizer import FishTokenizer
+    from omegaconf import OmegaConf
+
+    version = get_version(version_name)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        ranks = tokenizer_ranks()
+        with open(staging / "tokenizer.tiktoken", "w") as f:
+            f.writelines(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items())
+        specials = special_tokens(first_id=len(ranks))
+        (staging / "special_tokens.json").write_text(json.dumps(specials, indent=2))
+        tokenizer = FishTokenizer.from_pretrained(str(staging))
+
+        torch.manual_seed(seed)
+        config = llm_config(vocab_size=max(specials.values()) + 1)
+        config.save(staging / "config.json")
+        llm = DualARTransformer(config, tokenizer=tokenizer)
+        torch.save(llm.state_dict(), staging / "model.pth")
+
+        codec_cfg = OmegaConf.create(codec_config(version.sample_rate))
+        OmegaConf.save(codec_cfg, staging / CODEC_CONFIG_FILE)
+        codec = build_codec(codec_cfg)
+        state = {k: v for k, v in codec.state_dict().items() if not k.endswith(DERIVED_CODEC_BUFFERS)}
+        torch.save(state, staging / "codec.pth")
+
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+@click.command()
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Directory to write the model to.")
+@click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives identical files.")
+@click.option("--model-version", default=DEFAULT_MODEL_VERSION, show_default=True, help="Layout and codec rate to imitate.")
+def main(output: Path, seed: int, model_version: str) -> None:
+    """Write a tiny random Fish Speech base model (LLM + tokenizer + codec) in the release layout."""
+    path = write_tiny_model(output, seed, model_version)
+    size_mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+    click.echo(f"Tiny {model_version} model written to {path} ({size_mb:.1f} MB, seed {seed})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Shared fixtures: the tiny model kit and the built-in sample, built once per test session."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fs_pipeline.device import select_device
+from fs_pipeline.models import open_model_dir
+from fs_pipeline.sample import write_sample_dataset
+from fs_pipeline.tiny_model import write_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture
+def tiny_model_copy(tiny_model_path, tmp_path) -> Path:
+    """A private copy a test may damage."""
+    return Path(shutil.copytree(tiny_model_path, tmp_path / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_path):
+    return open_model_dir(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def cpu():
+    return select_device("cpu")
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory, tiny_model_dir) -> Path:
+    return write_sample_dataset(tmp_path_factory.mktemp("data") / "sample", tiny_model_dir.version.sample_rate)
+
+
+def load_script(name: str):
+    """Import one of the top-level scripts (finetune_tts.py, ...) as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
