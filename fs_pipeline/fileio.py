@@ -1,5 +1,6 @@
-"""Atomic file writes: a file is complete or absent, never half-written."""
+"""Atomic file writes (a file is complete or absent, never half-written) and content hashes."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -36,3 +37,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def file_hash(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -24,6 +24,7 @@ from loguru import logger
 
 from fs_pipeline import PipelineError
 from fs_pipeline.device import DeviceChoice
+from fs_pipeline.fileio import file_hash
 
 
 @dataclass(frozen=True)
@@ -217,22 +218,25 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     return codec.to(choice.device).eval()
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_identity(model_dir: ModelDir) -> str:
     """A content hash of the base model's files: checkpoints record it, so LoRA weights are never
     applied to a base they were not trained on."""
     h = hashlib.sha256()
     for name in ("config.json", model_dir.weights_file.name, "special_tokens.json", "tokenizer.tiktoken", "codec.pth"):
-        h.update(name.encode() + file_digest(model_dir.path / name).encode())
+        h.update(name.encode() + file_hash(model_dir.path / name).encode())
     return h.hexdigest()[:16]
 
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def codec_identity(model_dir: ModelDir) -> str:
+    """A hash of what decides the codes: codec weights, codec config and the sample rate."""
+    from omegaconf import OmegaConf
+
+    h = hashlib.sha256()
+    h.update(file_hash(model_dir.path / "codec.pth").encode())
+    h.update(OmegaConf.to_yaml(model_dir.codec_cfg).encode())
+    h.update(str(model_dir.version.sample_rate).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,70 @@
+"""The stage manifest: what each stage last did, from which inputs, with which settings.
+
+results/<project>/manifest.json holds one entry per stage:
+
+    {"stages": {"extract": {"settings": {...}, "inputs": {...}, "outputs": {...},
+                            "completed_at": "2026-11-24T13:00:00+00:00", ...}}}
+
+inputs and outputs map names to content hashes. A stage is current when its entry is complete, its
+settings and inputs are the ones given, and each recorded output still has its recorded hash (so an
+output deleted or edited by hand makes the stage stale). `completed_at` is written last: an entry
+without it is a run that did not finish. Every write is atomic.
+"""
+
+import json
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from loguru import logger
+
+from fs_pipeline.fileio import file_hash, write_json_atomic
+
+
+def settings_record(settings) -> dict:
+    """A settings dataclass as JSON-ready values."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
+
+
+def hash_outputs(base: Path, files: list[Path]) -> dict[str, str]:
+    return {Path(f).relative_to(base).as_posix(): file_hash(f) for f in files}
+
+
+class Manifest:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.data = {"stages": {}}
+        if self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                # It only records work done; starting from empty redoes that work, loses nothing.
+                logger.warning(f"{self.path} is damaged; treating every stage as not done")
+
+    def entry(self, stage: str) -> dict:
+        return self.data["stages"].get(stage, {})
+
+    def is_current(self, stage: str, settings: dict, inputs: dict, base: Path) -> bool:
+        entry = self.entry(stage)
+        if "completed_at" not in entry or entry.get("settings") != settings or entry.get("inputs") != inputs:
+            return False
+        for name, digest in entry.get("outputs", {}).items():
+            output = Path(base) / name
+            if not output.is_file() or file_hash(output) != digest:
+                return False
+        return True
+
+    def update(self, stage: str, **fields) -> None:
+        """Record progress of a stage that has not finished: its entry loses any completion mark."""
+        entry = {k: v for k, v in self.entry(stage).items() if k != "completed_at"}
+        entry.update(fields)
+        self.data["stages"][stage] = entry
+        self._save()
+
+    def complete(self, stage: str, **fields) -> None:
+        self.update(stage, **fields)
+        self.data["stages"][stage]["completed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._save()
+
+    def _save(self) -> None:
+        write_json_atomic(self.path, self.data)

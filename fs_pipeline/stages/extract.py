@@ -1,0 +1,168 @@
+"""Extract: audio clips -> semantic codes.
+
+Reads   <data_dir>/<speaker>/*.wav (each with a non-empty .lab, checked first), the base model's codec
+Writes  <clip>.npy next to each wav: int64 codes, shape (num_codebooks, frames); per-clip records
+        (hashes and audio stats for the QA report) in the manifest's "extract" entry
+Skips   a clip whose audio hash, codec identity and .npy hash match its record
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from fs_pipeline import PipelineError
+from fs_pipeline.audio.io import read_wav
+from fs_pipeline.dataset import Clip, list_clips
+from fs_pipeline.device import DeviceChoice
+from fs_pipeline.fileio import atomic_path, file_hash
+from fs_pipeline.manifest import Manifest, settings_record
+from fs_pipeline.models import ModelDir, codec_identity, load_codec
+
+STAGE = "extract"
+FULL_SCALE = 0.999  # samples at or above this magnitude count as clipped
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    data_dir: Path
+    batch_size: int = 16
+    num_workers: int = 4
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    extracted: int
+    skipped: int
+    audio_seconds: float  # of the clips extracted in this run
+    seconds: float
+
+
+def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, manifest: Manifest) -> ExtractResult:
+    started = time.perf_counter()
+    clips = list_clips(settings.data_dir)
+    codec_id = codec_identity(model_dir)
+    old_records = manifest.entry(STAGE).get("clips", {})
+    records = {}
+    todo = []
+    for clip in clips:
+        record = old_records.get(clip.key)
+        if _is_done(clip, record, codec_id):
+            records[clip.key] = record
+        else:
+            todo.append(clip)
+
+    audio_seconds = 0.0
+    if todo:
+        durations = _durations(todo, settings.data_dir)
+        audio_seconds = sum(durations.values())
+        logger.info(f"extracting codes for {len(todo)} clips ({audio_seconds / 60:.1f} min of audio); {len(records)} up to date")
+        codec = load_codec(model_dir, choice)
+        batches = _batches_by_length(todo, durations, settings.batch_size)
+        loader = torch.utils.data.DataLoader(
+            _ClipAudio(todo, model_dir.version.sample_rate),
+            batch_sampler=batches,
+            num_workers=settings.num_workers,
+            collate_fn=_pad_batch,
+        )
+        with tqdm(total=round(audio_seconds, 1), unit="audio-s", desc="extract", dynamic_ncols=True) as bar:
+            for indices, audio, lengths, stats in loader:
+                with torch.inference_mode():
+                    codes, frames = codec.encode(audio.to(choice.device), lengths.to(choice.device))
+                for row, index in enumerate(indices):
+                    clip = todo[index]
+                    clip_codes = codes[row, :, : frames[row]].cpu().numpy().astype(np.int64)
+                    _save_npy(clip.npy, clip_codes)
+                    records[clip.key] = {"audio": file_hash(clip.wav), "codec": codec_id, "codes": file_hash(clip.npy), **stats[row]}
+                manifest.update(STAGE, codec=codec_id, clips=records)
+                bar.update(round(sum(durations[todo[i].key] for i in indices), 1))
+
+    manifest.complete(STAGE, settings=settings_record(settings), codec=codec_id, clips=records)
+    return ExtractResult(len(todo), len(clips) - len(todo), audio_seconds, time.perf_counter() - started)
+
+
+def _is_done(clip: Clip, record: dict | None, codec_id: str) -> bool:
+    return (
+        record is not None
+        and record.get("codec") == codec_id
+        and clip.npy.is_file()
+        and record.get("codes") == file_hash(clip.npy)
+        and record.get("audio") == file_hash(clip.wav)
+    )
+
+
+def _durations(clips: list[Clip], data_dir: Path) -> dict[str, float]:
+    """Each clip's duration from its header; every unreadable clip is reported at once, before work starts."""
+    durations, problems = {}, []
+    for clip in clips:
+        try:
+            info = sf.info(clip.wav)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            problems.append(f"{clip.key} ({str(e).splitlines()[0]})")
+            continue
+        if info.frames == 0:
+            problems.append(f"{clip.key} (no samples)")
+        durations[clip.key] = info.frames / info.samplerate
+    if problems:
+        raise PipelineError(
+            f"{len(problems)} clip(s) in {data_dir} can't be decoded: {'; '.join(problems[:10])}: "
+            "re-create them with prepare_dataset.py or delete them (with their .lab) and rerun"
+        )
+    return durations
+
+
+def _batches_by_length(clips: list[Clip], durations: dict[str, float], batch_size: int) -> list[list[int]]:
+    """Indices into `clips`, grouped so that clips of similar length share a batch (little padding)."""
+    order = sorted(range(len(clips)), key=lambda i: (durations[clips[i].key], clips[i].key))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class _ClipAudio(torch.utils.data.Dataset):
+    """Decodes and resamples clips in DataLoader workers, and measures what the QA report needs."""
+
+    def __init__(self, clips: list[Clip], sample_rate: int):
+        self.clips, self.sample_rate = clips, sample_rate
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, index):
+        audio = read_wav(self.clips[index].wav, self.sample_rate)
+        rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+        stats = {
+            "seconds": round(len(audio) / self.sample_rate, 3),
+            "clipped": round(float(np.mean(np.abs(audio) >= FULL_SCALE)), 6),
+            "rms_db": round(20 * np.log10(max(rms, 1e-10)), 2),
+        }
+        return index, torch.from_numpy(audio), stats
+
+
+def _pad_batch(items):
+    indices, audios, stats = zip(*items)
+    lengths = torch.tensor([len(a) for a in audios])
+    batch = torch.zeros(len(audios), 1, int(lengths.max()))
+    for row, audio in enumerate(audios):
+        batch[row, 0, : len(audio)] = audio
+    return list(indices), batch, lengths, list(stats)
+
+
+def _save_npy(path: Path, codes: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, codes)
+
+
+def load_codes(path: Path) -> np.ndarray:
+    """Codes saved by extract (or upstream's extractor), checked to be a 2-D integer array."""
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise PipelineError(f"{path} is damaged ({e}): rerun --extract-tokens to redo it") from e
+    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+        raise PipelineError(f"{path} holds {codes.dtype} codes of shape {codes.shape}, not (codebooks, frames) integers: rerun --extract-tokens")
+    return codes
