@@ -5,7 +5,8 @@ results/<project>/manifest.json holds one entry per stage:
     {"stages": {"extract": {"settings": {...}, "inputs": {...}, "outputs": {...},
                             "completed_at": "2026-11-24T13:00:00+00:00", ...}}}
 
-inputs and outputs map names to content hashes. A stage is current when its entry is complete, its
+inputs and outputs map names to content hashes. Hashes are cached by file size and modification time
+(as git and DVC do), so a rerun over an unchanged dataset reads no file in full. A stage is current when its entry is complete, its
 settings and inputs are the ones given, and each recorded output still has its recorded hash (so an
 output deleted or edited by hand makes the stage stale). `completed_at` is written last: an entry
 without it is a run that did not finish. Every write is atomic.
@@ -26,14 +27,10 @@ def settings_record(settings) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
 
 
-def hash_outputs(base: Path, files: list[Path]) -> dict[str, str]:
-    return {Path(f).relative_to(base).as_posix(): file_hash(f) for f in files}
-
-
 class Manifest:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.data = {"stages": {}}
+        self.data = {"stages": {}, "file_hashes": {}}
         if self.path.exists():
             try:
                 self.data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -50,9 +47,24 @@ class Manifest:
             return False
         for name, digest in entry.get("outputs", {}).items():
             output = Path(base) / name
-            if not output.is_file() or file_hash(output) != digest:
+            if not output.is_file() or self.hash(output) != digest:
                 return False
         return True
+
+    def hash(self, path: Path) -> str:
+        """A file's content hash, reused while its size and modification time are the recorded ones."""
+        stat = Path(path).stat()
+        key = str(Path(path).resolve())
+        cache = self.data.setdefault("file_hashes", {})
+        size_mtime = [stat.st_size, stat.st_mtime_ns]
+        if key in cache and cache[key][:2] == size_mtime:
+            return cache[key][2]
+        digest = file_hash(path)
+        cache[key] = [*size_mtime, digest]
+        return digest
+
+    def hash_outputs(self, base: Path, files: list[Path]) -> dict[str, str]:
+        return {Path(f).relative_to(base).as_posix(): self.hash(f) for f in files}
 
     def update(self, stage: str, **fields) -> None:
         """Record progress of a stage that has not finished: its entry loses any completion mark."""

@@ -80,17 +80,18 @@ def codec_codebook_count(codec_cfg) -> int:
     return 1 + int(codec_cfg.quantizer.n_codebooks)
 
 
-def _package_config_dir() -> Path:
+def package_codec_config(version: ModelVersion) -> Path:
+    """The version's codec config file as the fish-speech package ships it."""
     import fish_speech  # a namespace package: it has __path__ but no __file__
 
-    return Path(list(fish_speech.__path__)[0]) / "configs"
+    return Path(list(fish_speech.__path__)[0]) / "configs" / f"{version.codec_config}.yaml"
 
 
 def _load_codec_cfg(path: Path, version: ModelVersion):
     from omegaconf import OmegaConf
 
     own = path / CODEC_CONFIG_FILE
-    return OmegaConf.load(own if own.exists() else _package_config_dir() / f"{version.codec_config}.yaml")
+    return OmegaConf.load(own if own.exists() else package_codec_config(version))
 
 
 def open_model_dir(path: Path | str, version_name: str = DEFAULT_MODEL_VERSION) -> ModelDir:
@@ -218,12 +219,12 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     return codec.to(choice.device).eval()
 
 
-def model_identity(model_dir: ModelDir) -> str:
+def model_identity(model_dir: ModelDir, hash_file=file_hash) -> str:
     """A content hash of the base model's files: checkpoints record it, so LoRA weights are never
     applied to a base they were not trained on."""
     h = hashlib.sha256()
     for name in ("config.json", model_dir.weights_file.name, "special_tokens.json", "tokenizer.tiktoken", "codec.pth"):
-        h.update(name.encode() + file_hash(model_dir.path / name).encode())
+        h.update(name.encode() + hash_file(model_dir.path / name).encode())
     return h.hexdigest()[:16]
 
 
@@ -231,12 +232,13 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def codec_identity(model_dir: ModelDir) -> str:
-    """A hash of what decides the codes: codec weights, codec config and the sample rate."""
+def codec_identity(model_dir: ModelDir, hash_file=file_hash) -> str:
+    """A hash of what decides the codes: codec weights, codec config and the sample rate. `hash_file` may be
+    a caching hasher such as Manifest.hash."""
     from omegaconf import OmegaConf
 
     h = hashlib.sha256()
-    h.update(file_hash(model_dir.path / "codec.pth").encode())
+    h.update(hash_file(model_dir.path / "codec.pth").encode())
     h.update(OmegaConf.to_yaml(model_dir.codec_cfg).encode())
     h.update(str(model_dir.version.sample_rate).encode())
     return h.hexdigest()[:16]

@@ -17,7 +17,15 @@ from pathlib import Path
 import click
 import torch
 
-from fs_pipeline.models import CODEC_CONFIG_FILE, build_codec, DEFAULT_MODEL_VERSION, DERIVED_CODEC_BUFFERS, get_version
+from fs_pipeline.models import (
+    CODEC_CONFIG_FILE,
+    DEFAULT_MODEL_VERSION,
+    DERIVED_CODEC_BUFFERS,
+    build_codec,
+    codec_codebook_count,
+    get_version,
+    package_codec_config,
+)
 
 # Common English letter pairs, merged on top of the 256 single bytes so that text takes fewer tokens.
 BIGRAMS = ["th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te", "of", "ed",
@@ -33,11 +41,11 @@ def tokenizer_ranks() -> dict[bytes, int]:
     return {token: rank for rank, token in enumerate(tokens)}
 
 
-def special_tokens(first_id: int) -> dict[str, int]:
+def special_tokens(first_id: int, semantic_codebook_size: int) -> dict[str, int]:
     from fish_speech.tokenizer import ALL_SPECIAL_TOKENS, SEMANTIC_TOKEN_TEMPLATE
 
     names = [t for t in ALL_SPECIAL_TOKENS if not t.startswith("<|semantic:")]
-    names += [SEMANTIC_TOKEN_TEMPLATE.format(i=i) for i in range(SEMANTIC_CODEBOOK_SIZE)]
+    names += [SEMANTIC_TOKEN_TEMPLATE.format(i=i) for i in range(semantic_codebook_size)]
     return {name: first_id + i for i, name in enumerate(names)}
 
 
@@ -66,7 +74,7 @@ def codec_config(sample_rate: int) -> dict:
     }
 
 
-def llm_config(vocab_size: int):
+def llm_config(vocab_size: int, codebook_size: int, num_codebooks: int):
     from fish_speech.models.text2semantic.llama import DualARModelArgs
 
     return DualARModelArgs(
@@ -82,8 +90,8 @@ def llm_config(vocab_size: int):
         max_seq_len=2048,
         tie_word_embeddings=False,
         attention_qk_norm=True,
-        codebook_size=SEMANTIC_CODEBOOK_SIZE,
-        num_codebooks=1 + RESIDUAL_CODEBOOKS,
+        codebook_size=codebook_size,
+        num_codebooks=num_codebooks,
         n_fast_layer=1,
         fast_dim=64,
         fast_n_head=4,
@@ -95,8 +103,11 @@ def llm_config(vocab_size: int):
     )
 
 
-def write_tiny_model(output: Path, seed: int = 0, version_name: str = DEFAULT_MODEL_VERSION) -> Path:
-    """Write the tiny model to `output` atomically (built in a temp dir beside it, then renamed)."""
+def write_tiny_model(output: Path, seed: int = 0, version_name: str = DEFAULT_MODEL_VERSION, full_codec: bool = False) -> Path:
+    """Write the tiny model to `output` atomically (built in a temp dir beside it, then renamed).
+
+    With `full_codec`, the codec is the version's own full-size architecture (random weights) and the
+    model dir has no codec_config.yaml, as in a real release; the LLM stays tiny. Benchmarks use it."""
     from fish_speech.models.text2semantic.llama import DualARTransformer
     from fish_speech.tokenizer import FishTokenizer
     from omegaconf import OmegaConf
@@ -105,22 +116,27 @@ def write_tiny_model(output: Path, seed: int = 0, version_name: str = DEFAULT_MO
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only
     try:
+        codec_cfg = (
+            OmegaConf.load(package_codec_config(version)) if full_codec else OmegaConf.create(codec_config(version.sample_rate))
+        )
+        semantic_size = int(codec_cfg.quantizer.semantic_codebook_size)
         ranks = tokenizer_ranks()
         with open(staging / "tokenizer.tiktoken", "w") as f:
             f.writelines(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items())
-        specials = special_tokens(first_id=len(ranks))
+        specials = special_tokens(first_id=len(ranks), semantic_codebook_size=semantic_size)
         (staging / "special_tokens.json").write_text(json.dumps(specials, indent=2))
         tokenizer = FishTokenizer.from_pretrained(str(staging))
 
         torch.manual_seed(seed)
-        config = llm_config(vocab_size=max(specials.values()) + 1)
+        config = llm_config(max(specials.values()) + 1, semantic_size, codec_codebook_count(codec_cfg))
         config.save(staging / "config.json")
         llm = DualARTransformer(config, tokenizer=tokenizer)
         torch.save(llm.state_dict(), staging / "model.pth")
 
-        codec_cfg = OmegaConf.create(codec_config(version.sample_rate))
-        OmegaConf.save(codec_cfg, staging / CODEC_CONFIG_FILE)
+        if not full_codec:
+            OmegaConf.save(codec_cfg, staging / CODEC_CONFIG_FILE)
         codec = build_codec(codec_cfg)
         state = {k: v for k, v in codec.state_dict().items() if not k.endswith(DERIVED_CODEC_BUFFERS)}
         torch.save(state, staging / "codec.pth")
@@ -138,9 +154,10 @@ def write_tiny_model(output: Path, seed: int = 0, version_name: str = DEFAULT_MO
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Directory to write the model to.")
 @click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives identical files.")
 @click.option("--model-version", default=DEFAULT_MODEL_VERSION, show_default=True, help="Layout and codec rate to imitate.")
-def main(output: Path, seed: int, model_version: str) -> None:
+@click.option("--full-codec", is_flag=True, help="Use the version's full-size codec architecture (random weights, ~1.5 GB) for benchmarks.")
+def main(output: Path, seed: int, model_version: str, full_codec: bool) -> None:
     """Write a tiny random Fish Speech base model (LLM + tokenizer + codec) in the release layout."""
-    path = write_tiny_model(output, seed, model_version)
+    path = write_tiny_model(output, seed, model_version, full_codec)
     size_mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
     click.echo(f"Tiny {model_version} model written to {path} ({size_mb:.1f} MB, seed {seed})")
 

@@ -43,3 +43,24 @@ def test_demo_summary(tmp_path):
         assert line in result.output
     assert (tmp_path / "checkpoints" / "tiny-s1-mini" / "model.pth").is_file()
     assert len(list((tmp_path / "training_data" / "sample").glob("*/*.lab"))) == 6
+
+
+def test_extract_tokens_end_to_end_and_rerun(tiny_model_path, sample_dataset, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(sample_dataset, tmp_path / "training_data" / "voice")
+    args = ["--project", "p", "--data-dir", "training_data/voice", "--extract-tokens",
+            "--pretrained-ckpt-path", str(tiny_model_path), "--num-workers-extract", "0", "--device", "cpu"]
+    first = CliRunner().invoke(load_script("finetune_tts").main, args)
+    assert first.exit_code == 0, first.output
+    assert "Extracted 6 clips" in first.output and "5 train / 1 validation" in first.output
+    assert (tmp_path / "results" / "p" / "data" / "train.protos").is_file()
+    second = CliRunner().invoke(load_script("finetune_tts").main, args)
+    assert "Extract: all 6 clips up to date, nothing to do" in second.output
+    assert "Packed data up to date" in second.output
+
+
+def test_extract_tokens_needs_project_and_data(tiny_model_path):
+    result = CliRunner().invoke(load_script("finetune_tts").main, ["--extract-tokens", "--pretrained-ckpt-path", str(tiny_model_path)])
+    assert result.exit_code == 2 and "--extract-tokens needs --project and --data-dir" in result.output

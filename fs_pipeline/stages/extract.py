@@ -20,7 +20,7 @@ from fs_pipeline import PipelineError
 from fs_pipeline.audio.io import read_wav
 from fs_pipeline.dataset import Clip, list_clips
 from fs_pipeline.device import DeviceChoice
-from fs_pipeline.fileio import atomic_path, file_hash
+from fs_pipeline.fileio import atomic_path
 from fs_pipeline.manifest import Manifest, settings_record
 from fs_pipeline.models import ModelDir, codec_identity, load_codec
 
@@ -43,16 +43,17 @@ class ExtractResult:
     seconds: float
 
 
-def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, manifest: Manifest) -> ExtractResult:
+def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, manifest: Manifest, codec=None) -> ExtractResult:
+    """Extract what is stale. `codec` is the loaded codec where the caller holds one; else it is loaded when needed."""
     started = time.perf_counter()
     clips = list_clips(settings.data_dir)
-    codec_id = codec_identity(model_dir)
+    codec_id = codec_identity(model_dir, manifest.hash)
     old_records = manifest.entry(STAGE).get("clips", {})
     records = {}
     todo = []
     for clip in clips:
         record = old_records.get(clip.key)
-        if _is_done(clip, record, codec_id):
+        if _is_done(clip, record, codec_id, manifest):
             records[clip.key] = record
         else:
             todo.append(clip)
@@ -62,7 +63,7 @@ def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, ma
         durations = _durations(todo, settings.data_dir)
         audio_seconds = sum(durations.values())
         logger.info(f"extracting codes for {len(todo)} clips ({audio_seconds / 60:.1f} min of audio); {len(records)} up to date")
-        codec = load_codec(model_dir, choice)
+        codec = codec or load_codec(model_dir, choice)
         batches = _batches_by_length(todo, durations, settings.batch_size)
         loader = torch.utils.data.DataLoader(
             _ClipAudio(todo, model_dir.version.sample_rate),
@@ -70,7 +71,8 @@ def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, ma
             num_workers=settings.num_workers,
             collate_fn=_pad_batch,
         )
-        with tqdm(total=round(audio_seconds, 1), unit="audio-s", desc="extract", dynamic_ncols=True) as bar:
+        progress = "{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, {rate_fmt}]"
+        with tqdm(total=audio_seconds, unit="audio-s", desc="extract", bar_format=progress, dynamic_ncols=True) as bar:
             for indices, audio, lengths, stats in loader:
                 with torch.inference_mode():
                     codes, frames = codec.encode(audio.to(choice.device), lengths.to(choice.device))
@@ -78,21 +80,23 @@ def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, ma
                     clip = todo[index]
                     clip_codes = codes[row, :, : frames[row]].cpu().numpy().astype(np.int64)
                     _save_npy(clip.npy, clip_codes)
-                    records[clip.key] = {"audio": file_hash(clip.wav), "codec": codec_id, "codes": file_hash(clip.npy), **stats[row]}
+                    records[clip.key] = {
+                        "audio": manifest.hash(clip.wav), "codec": codec_id, "codes": manifest.hash(clip.npy), **stats[row]
+                    }
                 manifest.update(STAGE, codec=codec_id, clips=records)
-                bar.update(round(sum(durations[todo[i].key] for i in indices), 1))
+                bar.update(sum(durations[todo[i].key] for i in indices))
 
     manifest.complete(STAGE, settings=settings_record(settings), codec=codec_id, clips=records)
     return ExtractResult(len(todo), len(clips) - len(todo), audio_seconds, time.perf_counter() - started)
 
 
-def _is_done(clip: Clip, record: dict | None, codec_id: str) -> bool:
+def _is_done(clip: Clip, record: dict | None, codec_id: str, manifest: Manifest) -> bool:
     return (
         record is not None
         and record.get("codec") == codec_id
         and clip.npy.is_file()
-        and record.get("codes") == file_hash(clip.npy)
-        and record.get("audio") == file_hash(clip.wav)
+        and record.get("codes") == manifest.hash(clip.npy)
+        and record.get("audio") == manifest.hash(clip.wav)
     )
 
 

@@ -14,8 +14,8 @@ import soundfile as sf
 
 from fs_pipeline import PipelineError, qa
 from fs_pipeline.dataset import Clip, list_clips
-from fs_pipeline.fileio import file_hash, write_json_atomic, write_text_atomic
-from fs_pipeline.manifest import Manifest, hash_outputs, settings_record
+from fs_pipeline.fileio import write_json_atomic, write_text_atomic
+from fs_pipeline.manifest import Manifest, settings_record
 from fs_pipeline.models import ModelDir
 from fs_pipeline.packed import speaker_message, write_protos
 from fs_pipeline.project import Project
@@ -47,7 +47,7 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
     missing = [c.key for c in clips if not c.npy.is_file()]
     if missing:
         raise PipelineError(f"{len(missing)} clip(s) have no codes yet (first: {missing[0]}): run --extract-tokens first")
-    inputs = {c.key: {"lab": file_hash(c.lab), "codes": file_hash(c.npy)} for c in clips}
+    inputs = {c.key: {"lab": manifest.hash(c.lab), "codes": manifest.hash(c.npy)} for c in clips}
     record = settings_record(settings) | {"num_codebooks": model_dir.num_codebooks, "max_seq_len": model_dir.config["max_seq_len"]}
     if manifest.is_current(STAGE, record, inputs, project.dir):
         entry = manifest.entry(STAGE)
@@ -82,7 +82,7 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
         STAGE,
         settings=record,
         inputs=inputs,
-        outputs=hash_outputs(project.dir, list(outputs.values())),
+        outputs=manifest.hash_outputs(project.dir, list(outputs.values())),
         split=sorted(val_keys),
         train_utterances=result.train_utterances,
         val_utterances=result.val_utterances,

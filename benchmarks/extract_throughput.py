@@ -1,0 +1,122 @@
+"""Extraction throughput (audio seconds per second): our batched extractor against upstream's approach.
+
+    python benchmarks/extract_throughput.py [--full-codec] [--clips 48] [--device cuda]
+
+Upstream's tools/vqgan/extract_vq.py (fish-speech 0.1.0), as it intends to run: fp32, files in listing
+order in chunks of up to 64 padded to the longest, each file decoded on the main thread before the
+chunk is encoded. Re-implemented here from that description (its own script fails on the S1-mini codec,
+it reads a sample-rate attribute the modded DAC lacks). Ours: fs_pipeline.stages.extract, clips batched
+by length, decoded in DataLoader workers. Both encode the same synthetic clips (2-20 s of noisy tones)
+with the same codec, loaded once beforehand, in the same run; the codec file's hash, which our first run
+computes once and later runs reuse, is taken before timing. --full-codec uses the release-size codec
+with random weights.
+"""
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import soundfile as sf
+import torch
+
+from benchmarks.common import append_result
+from fs_pipeline.audio.io import read_wav
+from fs_pipeline.device import select_device
+from fs_pipeline.manifest import Manifest
+from fs_pipeline.models import load_codec, open_model_dir
+from fs_pipeline.stages import extract
+from fs_pipeline.tiny_model import write_tiny_model
+
+def write_clips(folder: Path, count: int, sample_rate: int, max_seconds: float, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    speaker = folder / "speaker"
+    speaker.mkdir(parents=True)
+    total = 0.0
+    for i in range(count):
+        seconds = float(rng.uniform(2.0, max_seconds))
+        t = np.arange(int(seconds * sample_rate)) / sample_rate
+        audio = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.05 * rng.standard_normal(len(t))
+        sf.write(speaker / f"clip_{i:04d}.wav", audio.astype(np.float32), sample_rate, subtype="PCM_16")
+        (speaker / f"clip_{i:04d}.lab").write_text("benchmark clip")
+        total += seconds
+    return total
+
+
+def upstream_style(data: Path, codec, device, sample_rate: int, chunk_size: int) -> None:
+    files = sorted(data.rglob("*.wav"))
+    for start in range(0, len(files), chunk_size):
+        chunk = files[start : start + chunk_size]
+        audios = [torch.from_numpy(read_wav(f, sample_rate)) for f in chunk]
+        lengths = torch.tensor([len(a) for a in audios])
+        batch = torch.zeros(len(audios), 1, int(lengths.max()))
+        for row, audio in enumerate(audios):
+            batch[row, 0, : len(audio)] = audio
+        with torch.inference_mode():
+            codes, frames = codec.encode(batch.to(device), lengths.to(device))
+        for row, f in enumerate(chunk):
+            np.save(f.with_suffix(".npy"), codes[row, :, : frames[row]].cpu().numpy())
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@click.command()
+@click.option("--full-codec", is_flag=True, help="Release-size codec (random weights) instead of the tiny one.")
+@click.option("--clips", default=48, show_default=True)
+@click.option("--max-seconds", default=20.0, show_default=True, help="Clip lengths are uniform in [2, this].")
+@click.option("--batch-sizes", default="1,8,16,32", show_default=True, help="Our batch sizes to measure.")
+@click.option("--num-workers", default=4, show_default=True)
+@click.option("--upstream-chunk", default=64, show_default=True,
+              help="Files per upstream batch (upstream uses 64; lower it where 64 long clips don't fit in GPU memory).")
+@click.option("--device", default=None)
+@click.option("--no-record", is_flag=True, help="Print only; don't append to RESULTS.md (smoke tests).")
+def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chunk, device, no_record):
+    choice = select_device(device)
+    work = Path(tempfile.mkdtemp(prefix="fs-bench-extract-"))
+    try:
+        model_dir = open_model_dir(write_tiny_model(work / "model", full_codec=full_codec))
+        data = work / "data"
+        audio_seconds = write_clips(data, clips, model_dir.version.sample_rate, max_seconds)
+        codec = load_codec(model_dir, choice)
+        upstream_style(data, codec, choice.device, model_dir.version.sample_rate, upstream_chunk)  # warm-up
+        synchronize(choice.device)
+
+        rows = []
+        start = time.perf_counter()
+        upstream_style(data, codec, choice.device, model_dir.version.sample_rate, upstream_chunk)
+        synchronize(choice.device)
+        upstream_rate = audio_seconds / (time.perf_counter() - start)
+        rows.append((f"upstream approach (chunks of {upstream_chunk}, listing order, main-thread decode)", upstream_rate))
+        for batch_size in [int(b) for b in batch_sizes.split(",")]:
+            settings = extract.ExtractSettings(data, batch_size=batch_size, num_workers=num_workers)
+            manifest = Manifest(work / f"manifest-{batch_size}.json")  # no records: every clip is extracted
+            manifest.hash(model_dir.path / "codec.pth")  # a first run hashes the codec once (1-2 s at full size)
+            start = time.perf_counter()
+            extract.run(settings, model_dir, choice, manifest, codec)
+            synchronize(choice.device)
+            rows.append((f"fs-pipeline, batch {batch_size}, {num_workers} workers", audio_seconds / (time.perf_counter() - start)))
+
+        codec_name = "full-size S1-mini codec, random weights" if full_codec else "tiny codec"
+        table = "\n".join(
+            [
+                f"{clips} clips, {audio_seconds:.0f} s of audio, {codec_name}",
+                "",
+                "| extractor | audio-s/s | × upstream |",
+                "| --- | --- | --- |",
+                *[f"| {name} | {rate:.1f} | {rate / upstream_rate:.2f} |" for name, rate in rows],
+            ]
+        )
+        click.echo(table)
+        if not no_record:
+            append_result("Extraction throughput", choice.device, table)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fs_pipeline import PipelineError
+from fs_pipeline.manifest import Manifest
+from fs_pipeline.models import open_model_dir
+from fs_pipeline.stages import extract
+from fs_pipeline.tiny_model import write_tiny_model
+
+
+@pytest.fixture
+def dataset(sample_dataset, tmp_path):
+    return shutil.copytree(sample_dataset, tmp_path / "data")
+
+
+def run(dataset, model_dir, cpu, manifest, batch_size=4):
+    return extract.run(extract.ExtractSettings(dataset, batch_size=batch_size, num_workers=0), model_dir, cpu, manifest)
+
+
+def test_codes_have_the_right_shape_and_dtype(dataset, tiny_model_dir, cpu, tmp_path):
+    result = run(dataset, tiny_model_dir, cpu, Manifest(tmp_path / "m.json"))
+    assert (result.extracted, result.skipped) == (6, 0)
+    for wav in sorted(dataset.glob("*/*.wav")):
+        codes = np.load(wav.with_suffix(".npy"))
+        frames_expected = int(np.ceil(sf.info(wav).frames / 2048))
+        assert codes.dtype == np.int64
+        assert codes.shape == (tiny_model_dir.num_codebooks, frames_expected)
+        assert codes.min() >= 0 and codes[0].max() < 64 and codes[1:].max() < 32
+
+
+def test_batched_equals_one_at_a_time(dataset, tiny_model_dir, cpu, tmp_path):
+    run(dataset, tiny_model_dir, cpu, Manifest(tmp_path / "batched.json"), batch_size=6)
+    batched = {p.name: np.load(p) for p in dataset.glob("*/*.npy")}
+    run(dataset, tiny_model_dir, cpu, Manifest(tmp_path / "single.json"), batch_size=1)
+    single = {p.name: np.load(p) for p in dataset.glob("*/*.npy")}
+    assert batched.keys() == single.keys() and len(single) == 6
+    for name in single:
+        np.testing.assert_array_equal(batched[name], single[name])
+
+
+def test_rerun_skips_and_changed_clip_is_redone(dataset, tiny_model_dir, cpu, tmp_path):
+    manifest_path = tmp_path / "m.json"
+    run(dataset, tiny_model_dir, cpu, Manifest(manifest_path))
+    assert run(dataset, tiny_model_dir, cpu, Manifest(manifest_path)).extracted == 0
+
+    clip = sorted(dataset.glob("*/*.wav"))[2]
+    audio, rate = sf.read(clip)
+    sf.write(clip, audio[: len(audio) // 2], rate)
+    result = run(dataset, tiny_model_dir, cpu, Manifest(manifest_path))
+    assert (result.extracted, result.skipped) == (1, 5)
+    assert np.load(clip.with_suffix(".npy")).shape[1] == int(np.ceil(len(audio) // 2 / 2048))
+
+
+def test_truncated_npy_is_detected_and_redone(dataset, tiny_model_dir, cpu, tmp_path):
+    manifest_path = tmp_path / "m.json"
+    run(dataset, tiny_model_dir, cpu, Manifest(manifest_path))
+    npy = sorted(dataset.glob("*/*.npy"))[0]
+    good = npy.read_bytes()
+    npy.write_bytes(good[:100])
+    with pytest.raises(PipelineError, match="is damaged"):
+        extract.load_codes(npy)
+    assert run(dataset, tiny_model_dir, cpu, Manifest(manifest_path)).extracted == 1
+    assert npy.read_bytes() == good
+
+
+def test_another_codec_redoes_everything(dataset, tiny_model_dir, cpu, tmp_path):
+    manifest_path = tmp_path / "m.json"
+    run(dataset, tiny_model_dir, cpu, Manifest(manifest_path))
+    other = open_model_dir(write_tiny_model(tmp_path / "other", seed=7))
+    assert run(dataset, other, cpu, Manifest(manifest_path)).extracted == 6
+
+
+def test_every_pairing_problem_is_reported_before_work(dataset, tiny_model_dir, cpu, tmp_path):
+    speaker = dataset / "sample_speaker"
+    (speaker / "sample_0001.lab").unlink()
+    (speaker / "sample_0002.lab").write_text("  \n")
+    (speaker / "orphan.lab").write_text("no audio for this")
+    with pytest.raises(PipelineError) as error:
+        run(dataset, tiny_model_dir, cpu, Manifest(tmp_path / "m.json"))
+    message = str(error.value)
+    assert "has 3 problem(s)" in message
+    assert "sample_speaker/sample_0001.wav has no .lab" in message
+    assert "sample_speaker/sample_0002.lab is empty" in message
+    assert "sample_speaker/orphan.lab has no .wav" in message
+    assert not list(dataset.glob("*/*.npy"))
+
+
+def test_undecodable_clip_is_named(dataset, tiny_model_dir, cpu, tmp_path):
+    (dataset / "sample_speaker" / "sample_0003.wav").write_bytes(b"not audio at all")
+    with pytest.raises(PipelineError, match=r"1 clip\(s\) in .* can't be decoded: sample_speaker/sample_0003.wav"):
+        run(dataset, tiny_model_dir, cpu, Manifest(tmp_path / "m.json"))
+
+
+def test_missing_dataset(tmp_path, tiny_model_dir, cpu):
+    with pytest.raises(PipelineError, match="dataset not found"):
+        run(tmp_path / "nothing", tiny_model_dir, cpu, Manifest(tmp_path / "m.json"))
