@@ -1,0 +1,13 @@
+"""Each benchmark runs for a moment on CPU with the tiny kit, so the scripts don't rot. No timing is asserted."""
+
+from click.testing import CliRunner
+
+from benchmarks import extract_throughput
+
+
+def test_extract_throughput_smoke():
+    result = CliRunner().invoke(
+        extract_throughput.main, ["--clips", "3", "--max-seconds", "3", "--batch-sizes", "2", "--num-workers", "0", "--no-record", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "| upstream approach" in result.output and "| fs-pipeline, batch 2, 0 workers |" in result.output
