@@ -1,17 +1,21 @@
 """Fine-tune Fish Speech on a prepared dataset. Run with --help for the stages and their flags."""
 
+import sys
 from pathlib import Path
 
 import click
 
+from fs_pipeline import PipelineError, checkpoints
 from fs_pipeline.cli import device_options, model_summary, setup_logging, user_errors
 from fs_pipeline.device import select_device
+from fs_pipeline.lora import LORA_CONFIG_NAMES
 from fs_pipeline.manifest import Manifest
 from fs_pipeline.models import DEFAULT_MODEL_VERSION, MODEL_VERSIONS, load_codec, load_llm, open_model_dir
 from fs_pipeline.project import Project
-from fs_pipeline.stages import extract, pack
+from fs_pipeline.stages import extract, pack, train
 
 DEFAULT_BASE_MODEL = Path("checkpoints/openaudio-s1-mini")
+EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -22,16 +26,36 @@ DEFAULT_BASE_MODEL = Path("checkpoints/openaudio-s1-mini")
 @click.option("--model-version", type=click.Choice(sorted(MODEL_VERSIONS)), default=DEFAULT_MODEL_VERSION, show_default=True,
               help="Which Fish Speech generation the base model is.")
 @click.option("--check-model", is_flag=True, help="Validate and load the base model, print what was found, and exit.")
+# extract + pack
 @click.option("--extract-tokens", is_flag=True,
               help="Encode every clip to semantic codes (<clip>.npy), then pack train/val data and the QA report into results/PROJECT/data/.")
 @click.option("--batch-size-extract", default=16, show_default=True, help="Clips per codec batch (clips of similar length are batched together).")
 @click.option("--num-workers-extract", default=4, show_default=True, help="DataLoader workers that decode and resample audio.")
 @click.option("--val-fraction", default=0.05, show_default=True, help="Share of each speaker's clips held out for validation.")
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the held-out split.")
+# train
+@click.option("--train", "do_train", is_flag=True, help="Train LoRA adapters (extracts and packs first when that is missing or stale).")
+@click.option("--max-steps", default=1000, show_default=True, help="Total optimizer steps; a resumed run trains up to this many.")
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--learning-rate", default=1e-4, show_default=True)
+@click.option("--gradient-accumulation-steps", default=1, show_default=True)
+@click.option("--lora-config", default="r_8_alpha_16", show_default=True, help=f"LoRA rank and alpha: {', '.join(LORA_CONFIG_NAMES)}.")
+@click.option("--warmup-steps", default=10, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, ~30% slower.")
+@click.option("--max-length", type=int, default=None, help="Truncate training sequences to this many tokens [default: the model's max].")
+@click.option("--checkpoint-every", default=100, show_default=True)
+@click.option("--val-every", type=int, default=None, help="Validate every N steps [default: --checkpoint-every].")
+@click.option("--keep-checkpoints", default=5, show_default=True, help="Keep the newest N checkpoints, plus the best by validation loss.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the data order and adapter initialisation.")
+@click.option("--resume-latest", is_flag=True, help="Continue exactly from the project's latest checkpoint.")
+@click.option("--resume-from-checkpoint", type=click.Path(path_type=Path), help="Continue exactly from this checkpoint file.")
+@click.option("--checkpoint-path", type=click.Path(path_type=Path),
+              help="Warm start: take the adapters of this checkpoint (or the latest in this folder), with a fresh optimizer at step 0.")
+@click.option("--list-checkpoints", is_flag=True, help="List the project's checkpoints with their step, size and validation loss.")
 @device_options
 @user_errors
-def main(project, data_dir, pretrained_ckpt_path, model_version, check_model, extract_tokens,
-         batch_size_extract, num_workers_extract, val_fraction, split_seed, device, force_mps) -> None:
+def main(**flags) -> None:
     """Fine-tune a Fish Speech voice model with LoRA, in restartable stages.
 
     \b
@@ -39,35 +63,112 @@ def main(project, data_dir, pretrained_ckpt_path, model_version, check_model, ex
       python finetune_tts.py --check-model --pretrained-ckpt-path checkpoints/openaudio-s1-mini
     Extract codes and pack the data (reruns skip clips whose audio and codec are unchanged):
       python finetune_tts.py --project P --data-dir training_data/NAME --extract-tokens
+    Train, list checkpoints, resume:
+      python finetune_tts.py --project P --data-dir training_data/NAME --train --max-steps 1000
+      python finetune_tts.py --project P --list-checkpoints
+      python finetune_tts.py --project P --data-dir training_data/NAME --train --resume-latest
     """
     setup_logging()
-    if not (check_model or extract_tokens):
-        raise click.UsageError("nothing to do: pass --check-model or --extract-tokens (see --help)")
-    choice = select_device(device, force_mps)
-    model_dir = open_model_dir(pretrained_ckpt_path, model_version)
-    if check_model:
+    actions = [flags["check_model"], flags["extract_tokens"], flags["do_train"], flags["list_checkpoints"]]
+    if not any(actions):
+        raise click.UsageError("nothing to do: pass --check-model, --extract-tokens, --train or --list-checkpoints (see --help)")
+    if flags["resume_latest"] and flags["resume_from_checkpoint"]:
+        raise PipelineError("--resume-latest and --resume-from-checkpoint both given: pass one of them")
+
+    if flags["list_checkpoints"]:
+        click.echo(format_checkpoints(project_of(flags)))
+        if not (flags["check_model"] or flags["extract_tokens"] or flags["do_train"]):
+            return
+
+    choice = select_device(flags["device"], flags["force_mps"])
+    model_dir = open_model_dir(flags["pretrained_ckpt_path"], flags["model_version"])
+    if flags["check_model"]:
         click.echo(model_summary(model_dir, load_llm(model_dir, choice), load_codec(model_dir, choice), choice))
-    if extract_tokens:
-        if not project or not data_dir:
-            raise click.UsageError("--extract-tokens needs --project and --data-dir")
-        run_extract_and_pack(Project(project), data_dir, model_dir, choice, batch_size_extract, num_workers_extract, val_fraction, split_seed)
+    if flags["extract_tokens"] or flags["do_train"]:
+        project, data_dir = project_of(flags), data_dir_of(flags)
+        click.echo(f"Device: {choice.describe()}")
+        run_extract_and_pack(project, data_dir, model_dir, choice, flags)
+        if flags["do_train"]:
+            run_train(project, data_dir, model_dir, choice, flags)
 
 
-def run_extract_and_pack(project, data_dir, model_dir, choice, batch_size, num_workers, val_fraction, split_seed) -> None:
+def project_of(flags) -> Project:
+    if not flags["project"]:
+        raise click.UsageError("this needs --project NAME")
+    return Project(flags["project"])
+
+
+def data_dir_of(flags) -> Path:
+    if not flags["data_dir"]:
+        raise click.UsageError("this needs --data-dir training_data/NAME")
+    return flags["data_dir"]
+
+
+def run_extract_and_pack(project: Project, data_dir: Path, model_dir, choice, flags) -> None:
     manifest = Manifest(project.manifest_path)
-    click.echo(f"Device: {choice.describe()}")
-    done = extract.run(extract.ExtractSettings(data_dir, batch_size, num_workers), model_dir, choice, manifest)
+    settings = extract.ExtractSettings(data_dir, flags["batch_size_extract"], flags["num_workers_extract"])
+    done = extract.run(settings, model_dir, choice, manifest)
     if done.extracted:
         rate = done.audio_seconds / done.seconds if done.seconds else 0.0
         click.echo(f"Extracted {done.extracted} clips ({done.audio_seconds:.0f} s of audio, {rate:.1f} audio-s/s); {done.skipped} were up to date")
     else:
         click.echo(f"Extract: all {done.skipped} clips up to date, nothing to do")
-    packed = pack.run(pack.PackSettings(data_dir, val_fraction, split_seed), model_dir, project, manifest)
+    packed = pack.run(pack.PackSettings(data_dir, flags["val_fraction"], flags["split_seed"]), model_dir, project, manifest)
     state = "up to date" if packed.skipped else "written"
     click.echo(f"Packed data {state}: {packed.train_utterances} train / {packed.val_utterances} validation utterances in {project.data_dir}")
     for warning in packed.warnings:
         click.secho(f"QA warning: {warning}", fg="yellow")
     click.echo(f"QA report: {project.data_dir / 'qa.md'}")
+
+
+def run_train(project: Project, data_dir: Path, model_dir, choice, flags) -> None:
+    ckpt_dir = project.dir / "checkpoints"
+    resume_from = flags["resume_from_checkpoint"]
+    if flags["resume_latest"]:
+        found = checkpoints.latest(ckpt_dir)
+        if found is None:
+            raise PipelineError(f"--resume-latest: no checkpoint in {ckpt_dir} yet: train without it first")
+        resume_from = found.path
+    warm_start = checkpoints.resolve(flags["checkpoint_path"]) if flags["checkpoint_path"] else None
+    settings = train.TrainSettings(
+        max_steps=flags["max_steps"], batch_size=flags["batch_size"], learning_rate=flags["learning_rate"],
+        gradient_accumulation_steps=flags["gradient_accumulation_steps"], lora_config=flags["lora_config"],
+        warmup_steps=flags["warmup_steps"], lr_schedule=flags["lr_schedule"], gradient_checkpointing=flags["gradient_checkpointing"],
+        max_length=flags["max_length"], checkpoint_every=flags["checkpoint_every"], val_every=flags["val_every"],
+        keep_checkpoints=flags["keep_checkpoints"], seed=flags["seed"], resume_from=resume_from, warm_start_from=warm_start,
+    )
+    result = train.run(settings, model_dir, choice, project)
+    if result.interrupted:
+        click.secho(
+            f"Stopped by {result.interrupted} at step {result.step}; saved {result.last_checkpoint}. Resume with:\n"
+            f"  python finetune_tts.py --project {project.name} --data-dir {data_dir} --train --resume-latest --max-steps {settings.max_steps}",
+            fg="yellow",
+        )
+        sys.exit(EXIT_CODES[result.interrupted])
+    losses = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps needed"
+    if result.val_loss is not None:
+        losses += f", validation loss {result.val_loss:.4f}"
+    click.echo(f"Trained to step {result.step} ({losses}). Checkpoints: {ckpt_dir}")
+
+
+def format_checkpoints(project: Project) -> str:
+    folder = project.dir / "checkpoints"
+    infos = checkpoints.list_checkpoints(folder)
+    damaged = checkpoints.unreadable(folder)
+    lines = []
+    if not infos:
+        lines.append(f"No checkpoints in {folder} yet: train with --train.")
+    else:
+        lines.append(f"Checkpoints in {folder}:")
+        for info in infos:
+            val = f"{info.val_loss:.4f}" if info.val_loss is not None else "-"
+            lines.append(f"  {info.path.name}  {info.size_mb:8.1f} MB  {info.created_at}  step {info.step:>7}  val_loss {val}")
+        newest = infos[-1]
+        lines.append(f"Latest: {newest.path.name} (step {newest.step})")
+        top = checkpoints.best(folder)
+        lines.append(f"Best:   {top.path.name} (val_loss {top.val_loss:.4f})" if top else "Best:   - (no validation loss recorded)")
+    lines += [f"Unreadable (damaged or not ours): {path.name}" for path in damaged]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -187,13 +187,18 @@ def build_llm(model_dir: ModelDir):
     return DualARTransformer(args, tokenizer=tokenizer)
 
 
+def load_llm_weights(model, model_dir: ModelDir) -> None:
+    """Fill `model` (built by build_llm, possibly with LoRA adapters added) with the release weights."""
+    state = _read_state_dict(model_dir.weights_file)
+    # Lightning checkpoints prefix every key with "model."; adapters (lora_*) are not in a release
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    _fill_from_state(model, state, model_dir.weights_file, optional=("lora_A", "lora_B"))
+
+
 def load_llm(model_dir: ModelDir, choice: DeviceChoice):
     """The LLM with its release weights, in eval mode, on the chosen device and dtype."""
     model = build_llm(model_dir)
-    state = _read_state_dict(model_dir.weights_file)
-    # Lightning checkpoints prefix every key with "model."
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    _fill_from_state(model, state, model_dir.weights_file)
+    load_llm_weights(model, model_dir)
     return model.to(device=choice.device, dtype=choice.dtype).eval()
 
 

@@ -1,0 +1,151 @@
+"""Training checkpoints: the file format, atomic save, safe load, listing, choosing and pruning.
+
+results/<project>/checkpoints/step_000000100.ckpt is a torch.save'd dict (loaded with weights_only=True):
+
+    format      CHECKPOINT_FORMAT
+    step        optimizer steps taken
+    lora        adapter weights (fp32), keyed as in the model's state dict
+    lora_config {"r", "alpha", "dropout"}
+    base_model  {"identity": content hash of the base model's files, "version": "s1-mini"}
+    optimizer, scheduler    their state dicts
+    rng         {"python": random.getstate(), "torch": CPU generator state, "cuda": [per-device states]}
+    data        {"consumed": training examples drawn so far (the data-loader position)}
+    metrics     {"train_loss", "val_loss", ...} at this step
+    created_at  ISO time
+"""
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from fs_pipeline import PipelineError
+from fs_pipeline.fileio import atomic_path
+
+CHECKPOINT_FORMAT = 1
+PATTERN = "step_*.ckpt"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:09d}.ckpt"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(folder: Path, payload: dict) -> Path:
+    payload = {"format": CHECKPOINT_FORMAT, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **payload}
+    path = Path(folder) / checkpoint_name(payload["step"])
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"checkpoint not found: {path}: list them with --list-checkpoints")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file raises many different errors
+        raise PipelineError(f"cannot read checkpoint {path} ({type(e).__name__}): the file is damaged or not ours; use another one") from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise PipelineError(f"{path} is not an fs-pipeline training checkpoint: pass a step_*.ckpt from results/PROJECT/checkpoints/")
+    return payload
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+    size_mb: float
+    created_at: str
+    val_loss: float | None
+    wer: float | None
+
+
+def list_checkpoints(folder: Path) -> list[CheckpointInfo]:
+    """Readable checkpoints, oldest step first. Unreadable files are left out (list_problems names them)."""
+    infos = []
+    for path in sorted(Path(folder).glob(PATTERN)):
+        try:
+            payload = load(path)
+        except PipelineError:
+            continue
+        metrics = payload.get("metrics", {})
+        infos.append(
+            CheckpointInfo(path, payload["step"], os.path.getsize(path) / 1e6, payload["created_at"], metrics.get("val_loss"), metrics.get("wer"))
+        )
+    return sorted(infos, key=lambda info: info.step)
+
+
+def unreadable(folder: Path) -> list[Path]:
+    readable = {info.path for info in list_checkpoints(folder)}
+    return [p for p in sorted(Path(folder).glob(PATTERN)) if p not in readable]
+
+
+def latest(folder: Path) -> CheckpointInfo | None:
+    infos = list_checkpoints(folder)
+    return infos[-1] if infos else None
+
+
+def best(folder: Path) -> CheckpointInfo | None:
+    """Lowest validation loss; ties go to the later step."""
+    scored = [info for info in list_checkpoints(folder) if info.val_loss is not None]
+    return min(scored, key=lambda info: (info.val_loss, -info.step)) if scored else None
+
+
+def prune(folder: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints and the best one. Returns what was deleted."""
+    infos = list_checkpoints(folder)
+    keep_paths = {info.path for info in infos[-keep:]} if keep > 0 else set()
+    if (top := best(folder)) is not None:
+        keep_paths.add(top.path)
+    removed = [info.path for info in infos if info.path not in keep_paths]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint file, or the latest checkpoint in a directory (a project's checkpoints/ or its root)."""
+    path = Path(path)
+    if path.is_dir():
+        for folder in (path, path / "checkpoints"):
+            if (found := latest(folder)) is not None:
+                return found.path
+        raise PipelineError(f"no checkpoint found in {path}: pass a step_*.ckpt file or a folder holding some")
+    return path
+
+
+def check_compatible(payload: dict, source: Path, base_identity: str, version: str, lora_config: dict) -> None:
+    """A clear error, not a silent mismatch, when a checkpoint was made for another base, version or rank."""
+    base = payload["base_model"]
+    if base["version"] != version:
+        raise PipelineError(f"{source} was trained on model version {base['version']}, not {version}: pass --model-version {base['version']}")
+    if base["identity"] != base_identity:
+        raise PipelineError(
+            f"{source} was trained on another base model (identity {base['identity']}, this one is {base_identity}): "
+            "point --pretrained-ckpt-path at the base it was trained on"
+        )
+    theirs = payload["lora_config"]
+    if (theirs["r"], theirs["alpha"]) != (lora_config["r"], lora_config["alpha"]):
+        raise PipelineError(
+            f"{source} has LoRA rank {theirs['r']} / alpha {theirs['alpha']}, this run uses rank {lora_config['r']} / alpha "
+            f"{lora_config['alpha']}: pass --lora-config r_{theirs['r']}_alpha_{theirs['alpha']}"
+        )

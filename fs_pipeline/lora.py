@@ -1,0 +1,101 @@
+"""LoRA on the DualAR transformer: which layers get adapters, their config, and moving their weights.
+
+The same layers as fish-speech's `setup_lora` get adapters: the token, codebook and fast embeddings,
+every attention (wqkv, wo) and feed-forward (w1, w2, w3) projection of the slow and fast transformers,
+and the output heads. Unlike `setup_lora`, it works on configs with tied word embeddings (the S1-mini
+release has them): there the output head is the embedding matrix and gets no adapter of its own.
+Adapters never merge themselves in eval mode (loralib's default), so the frozen base weights stay
+bit-identical through training; merging is an explicit step (see merge).
+"""
+
+import re
+from dataclasses import asdict, dataclass
+
+import loralib
+import torch
+from torch import nn
+
+from fs_pipeline import PipelineError
+
+LORA_CONFIG_NAMES = ("r_8_alpha_16", "r_4_alpha_8", "r_16_alpha_32")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.01
+
+    @classmethod
+    def from_name(cls, name: str) -> "LoraSettings":
+        match = re.fullmatch(r"r_(\d+)_alpha_(\d+)", name)
+        if not match or int(match.group(1)) < 1:
+            raise PipelineError(f"unknown --lora-config '{name}': use one like {', '.join(LORA_CONFIG_NAMES)}")
+        return cls(r=int(match.group(1)), alpha=int(match.group(2)))
+
+    @property
+    def name(self) -> str:
+        return f"r_{self.r}_alpha_{self.alpha}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _linear(old: nn.Linear, lora: LoraSettings) -> loralib.Linear:
+    new = loralib.Linear(
+        old.in_features, old.out_features, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        bias=old.bias is not None, merge_weights=False,
+    )
+    new.weight = old.weight
+    if old.bias is not None:
+        new.bias = old.bias
+    return new
+
+
+def _embedding(old: nn.Embedding, lora: LoraSettings) -> loralib.Embedding:
+    new = loralib.Embedding(old.num_embeddings, old.embedding_dim, r=lora.r, lora_alpha=lora.alpha, merge_weights=False)
+    new.weight = old.weight
+    return new
+
+
+def adapted_layers(model) -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute) of every layer that gets an adapter."""
+    layers = [(model, "embeddings"), (model, "codebook_embeddings"), (model, "fast_embeddings"), (model, "fast_output")]
+    if hasattr(model, "output"):
+        layers.append((model, "output"))
+    for block in [*model.layers, *model.fast_layers]:
+        layers += [(block.attention, "wqkv"), (block.attention, "wo")]
+        layers += [(block.feed_forward, name) for name in ("w1", "w2", "w3")]
+    return layers
+
+
+def add_lora(model, lora: LoraSettings) -> None:
+    """Wrap the layers in LoRA adapters, keeping their weights, and make only the adapters trainable."""
+    for parent, name in adapted_layers(model):
+        old = getattr(parent, name)
+        setattr(parent, name, _embedding(old, lora) if isinstance(old, nn.Embedding) else _linear(old, lora))
+    loralib.mark_only_lora_as_trainable(model, bias="none")
+
+
+def prepare_for_training(model, device: torch.device, dtype: torch.dtype) -> None:
+    """Base weights in the compute dtype; adapters in fp32, so optimizer updates don't lose precision."""
+    model.to(device)
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if "lora_" in name else dtype)
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def load_lora_state(model, state: dict[str, torch.Tensor], source) -> None:
+    expected = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    if set(state) != set(expected):
+        raise PipelineError(f"{source} holds adapters for other layers than this model has: it was trained on another base model")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise PipelineError(
+                f"{source}: adapter {key} has shape {tuple(value.shape)}, this model needs {tuple(expected[key].shape)}: "
+                "its LoRA rank or base model differs; pass the matching --lora-config"
+            )
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,98 @@
+"""Our forward pass through fish-speech's DualARTransformer, for training and scoring.
+
+fish-speech 0.1.0's `DualARTransformer.forward` raises a TypeError, so this builds the pass from the
+model's modules, matching what its inference code (`forward_generate`) computes:
+
+1. Slow transformer over the sequence: token embedding plus, at semantic positions, the sum of the
+   codebook embeddings (scaled by 1/sqrt(num_codebooks + 1) when the config says so); causal attention.
+   Sequences are right-padded, so plain causal attention never lets a real position see padding.
+2. Token logits from the final norm and the output head (or the tied embedding matrix).
+3. Fast transformer at every position whose label is a semantic token: its input is the slow hidden
+   state followed by the embeddings of codebooks 0..n-2; its outputs predict codebooks 0..n-1.
+
+Loss = cross-entropy on the tokens + cross-entropy on the codebooks.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+
+
+@dataclass
+class ForwardResult:
+    loss: torch.Tensor
+    token_loss: torch.Tensor
+    codebook_loss: torch.Tensor
+    top5_accuracy: torch.Tensor
+    tokens: int  # positions with a token label
+
+
+def embed(model, inputs: torch.Tensor) -> torch.Tensor:
+    config = model.config
+    offsets = torch.arange(config.num_codebooks, device=inputs.device)[None, :, None] * config.codebook_size
+    codebook_sum = model.codebook_embeddings(inputs[:, 1:] + offsets).sum(dim=1)
+    tokenizer = model.tokenizer
+    is_semantic = (inputs[:, 0] >= tokenizer.semantic_begin_id) & (inputs[:, 0] <= tokenizer.semantic_end_id)
+    x = model.embeddings(inputs[:, 0]) + codebook_sum * is_semantic[..., None]
+    if config.scale_codebook_embeddings:
+        x = torch.where(is_semantic[..., None], x / math.sqrt(config.num_codebooks + 1), x)
+    return x
+
+
+def _run_layers(layers, x, freqs_cis, mask, gradient_checkpointing: bool):
+    for layer in layers:
+        if gradient_checkpointing and x.requires_grad:
+            x = checkpoint(layer, x, freqs_cis, mask, use_reentrant=False)
+        else:
+            x = layer(x, freqs_cis, mask)
+    return x
+
+
+def slow_forward(model, inputs: torch.Tensor, gradient_checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token logits, hidden states) for inputs of shape (batch, num_codebooks + 1, length)."""
+    x = embed(model, inputs)
+    freqs_cis = model.freqs_cis[: inputs.shape[-1]]
+    # mask=None makes the attention causal (and lets SDPA use its flash kernel)
+    x = _run_layers(model.layers, x, freqs_cis, None, gradient_checkpointing)
+    normed = model.norm(x)
+    logits = F.linear(normed, model.embeddings.weight) if model.config.tie_word_embeddings else model.output(normed)
+    return logits, x
+
+
+def fast_forward(model, hidden: torch.Tensor, codes: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
+    """Codebook logits (frames, num_codebooks, codebook_size) for slow hidden states (frames, dim) and the
+    frames' codes (frames, num_codebooks)."""
+    n = model.config.num_codebooks
+    x = torch.cat([model.fast_project_in(hidden)[:, None], model.fast_embeddings(codes[:, : n - 1])], dim=1)
+    mask = model.causal_mask[None, None, :n, :n]
+    x = _run_layers(model.fast_layers, x, model.fast_freqs_cis[:n], mask, gradient_checkpointing)
+    return model.fast_output(model.fast_norm(x))
+
+
+def forward(model, inputs: torch.Tensor, labels: torch.Tensor, gradient_checkpointing: bool = False) -> ForwardResult:
+    """Losses for a batch made by prompt.training_example (padded with 0 inputs and IGNORE labels)."""
+    token_logits, hidden = slow_forward(model, inputs, gradient_checkpointing)
+    token_labels = labels[:, 0]
+    token_loss = F.cross_entropy(token_logits.float().flatten(0, 1), token_labels.flatten(), ignore_index=IGNORE)
+
+    tokenizer = model.tokenizer
+    is_frame = (token_labels >= tokenizer.semantic_begin_id) & (token_labels <= tokenizer.semantic_end_id)
+    frame_codes = labels[:, 1:].transpose(1, 2)[is_frame]  # (frames, num_codebooks)
+    codebook_logits = fast_forward(model, hidden[is_frame], frame_codes, gradient_checkpointing)
+    codebook_loss = F.cross_entropy(codebook_logits.float().flatten(0, 1), frame_codes.flatten())
+
+    valid = token_labels != IGNORE
+    top5 = token_logits.topk(5, dim=-1).indices
+    hits = (top5 == token_labels[..., None]).any(dim=-1) & valid
+    return ForwardResult(
+        loss=token_loss + codebook_loss,
+        token_loss=token_loss.detach(),
+        codebook_loss=codebook_loss.detach(),
+        top5_accuracy=hits.sum() / valid.sum().clamp(min=1),
+        tokens=int(valid.sum()),
+    )

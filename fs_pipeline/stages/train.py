@@ -1,0 +1,310 @@
+"""Train: LoRA fine-tuning of the base LLM on the packed data.
+
+Reads   results/<project>/data/train.protos, val.protos (from pack), the base model
+Writes  results/<project>/checkpoints/step_*.ckpt (every --checkpoint-every steps, on interrupt, at the end),
+        results/<project>/logs/metrics.jsonl and TensorBoard events
+Skips   nothing by itself: --max-steps is the total, so resuming from a checkpoint at that step trains no more
+
+The story: load the base, add adapters, build the examples, set up the optimizer; restore a checkpoint
+when resuming; then step until max_steps, validating and checkpointing on the way. Examples are drawn in
+a fixed order (a seeded shuffle per epoch), and a checkpoint records how many were drawn, so a resumed
+run sees exactly the batches an uninterrupted run would.
+"""
+
+import functools
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from fs_pipeline import PipelineError, checkpoints
+from fs_pipeline.device import DeviceChoice
+from fs_pipeline.lora import LoraSettings, add_lora, load_lora_state, lora_state_dict, prepare_for_training
+from fs_pipeline.modeling import IGNORE, forward
+from fs_pipeline.models import ModelDir, build_llm, load_llm_weights, model_identity
+from fs_pipeline.packed import read_protos
+from fs_pipeline.project import Project
+from fs_pipeline.prompt import training_example
+from fs_pipeline.stages.pack import TRAIN_FILE, VAL_FILE
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    max_steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    gradient_accumulation_steps: int = 1
+    lora_config: str = "r_8_alpha_16"
+    warmup_steps: int = 10
+    lr_schedule: str = "constant"  # or "cosine"
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    max_length: int | None = None  # default: the model's max_seq_len
+    checkpoint_every: int = 100
+    val_every: int | None = None  # default: checkpoint_every
+    keep_checkpoints: int = 5
+    seed: int = 0
+    resume_from: Path | None = None  # a checkpoint to continue exactly
+    warm_start_from: Path | None = None  # a checkpoint whose adapters start a fresh run
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int
+    last_checkpoint: Path | None
+    interrupted: str | None  # the signal's name when stopped by one
+    train_loss: float | None
+    val_loss: float | None
+
+
+def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, project: Project) -> TrainResult:
+    _check(settings)
+    lora = LoraSettings.from_name(settings.lora_config)
+    identity = model_identity(model_dir)
+    ckpt_dir = project.dir / "checkpoints"
+    max_length = settings.max_length or model_dir.config["max_seq_len"]
+
+    resume = settings.resume_from or settings.warm_start_from
+    payload = checkpoints.load(resume) if resume else None
+    if payload:
+        checkpoints.check_compatible(payload, resume, identity, model_dir.version.name, lora.as_dict())
+
+    model = build_llm(model_dir)
+    load_llm_weights(model, model_dir)
+    add_lora(model, lora)
+    if payload:
+        load_lora_state(model, payload["lora"], resume)
+    prepare_for_training(model, choice.device, choice.dtype)
+    model.train()
+
+    train_examples = _examples(project.data_dir / TRAIN_FILE, model, max_length)
+    val_examples = _examples(project.data_dir / VAL_FILE, model, max_length)
+    if not train_examples:
+        raise PipelineError(f"{project.data_dir / TRAIN_FILE} holds no utterances: check the dataset and rerun --extract-tokens")
+    estimate_memory(model, settings.batch_size, max(len(x[0][0]) for x in train_examples), lora, choice)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
+    step, consumed = 0, 0
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    if settings.resume_from:
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        checkpoints.restore_rng(payload["rng"])
+        step, consumed = payload["step"], payload["data"]["consumed"]
+        logger.info(f"resuming from {resume} at step {step}")
+    elif settings.warm_start_from:
+        logger.info(f"warm start: adapters from {resume}, fresh optimizer, step 0")
+
+    def save(metrics: dict) -> Path:
+        path = checkpoints.save(
+            ckpt_dir,
+            {
+                "step": step,
+                "lora": lora_state_dict(model),
+                "lora_config": lora.as_dict(),
+                "base_model": {"identity": identity, "version": model_dir.version.name},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": checkpoints.rng_state(),
+                "data": {"consumed": consumed},
+                "metrics": metrics,
+            },
+        )
+        checkpoints.prune(ckpt_dir, settings.keep_checkpoints)
+        return path
+
+    log = _MetricsLog(project.dir / "logs")
+    stop = _StopSignal()
+    val_every = settings.val_every or settings.checkpoint_every
+    last_path, train_loss, val_loss = None, None, None
+    bar = tqdm(total=settings.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        while step < settings.max_steps and not stop.name:
+            started = time.perf_counter()
+            totals = {"loss": 0.0, "token_loss": 0.0, "codebook_loss": 0.0, "top5_accuracy": 0.0}
+            tokens = 0
+            for _ in range(settings.gradient_accumulation_steps):
+                inputs, labels, batch_tokens = _batch(train_examples, consumed, settings.batch_size, settings.seed, choice.device)
+                consumed += settings.batch_size
+                with choice.autocast():
+                    result = forward(model, inputs, labels, settings.gradient_checkpointing)
+                (result.loss / settings.gradient_accumulation_steps).backward()
+                for key in totals:
+                    totals[key] += getattr(result, key).item() / settings.gradient_accumulation_steps
+                tokens += batch_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            train_loss = totals["loss"]
+
+            metrics = {
+                "step": step, **totals, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                "tokens_per_second": tokens / (time.perf_counter() - started),
+            }
+            if choice.type == "cuda":
+                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            at_checkpoint = step % settings.checkpoint_every == 0 or step == settings.max_steps or stop.name
+            if val_examples and (step % val_every == 0 or at_checkpoint):
+                val_loss = evaluate(model, val_examples, settings.batch_size, choice)
+                metrics["val_loss"] = val_loss
+            log.write(metrics)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+            bar.update(1)
+            if at_checkpoint:
+                last_path = save({"train_loss": train_loss, "val_loss": metrics.get("val_loss")})
+    finally:
+        bar.close()
+        log.close()
+        stop.restore()
+    return TrainResult(step, last_path, stop.name, train_loss, val_loss)
+
+
+def _check(settings: TrainSettings) -> None:
+    if settings.resume_from and settings.warm_start_from:
+        raise PipelineError("resuming and warm-starting at once: pass either a resume flag or --checkpoint-path, not both")
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+        if getattr(settings, name) < 1:
+            raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
+    if settings.lr_schedule not in ("constant", "cosine"):
+        raise PipelineError(f"unknown --lr-schedule '{settings.lr_schedule}': use constant or cosine")
+
+
+def _lr_lambda(settings: TrainSettings):
+    def factor(step: int) -> float:
+        if step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        if settings.lr_schedule == "constant":
+            return 1.0
+        progress = (step - settings.warmup_steps) / max(1, settings.max_steps - settings.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _examples(path: Path, model, max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if not path.is_file():
+        raise PipelineError(f"packed data not found: {path}: run --extract-tokens first")
+    examples = []
+    for record in read_protos(path):
+        for sentence in record.sentences:
+            codes = torch.tensor([list(s.values) for s in sentence.semantics])
+            inputs, labels = training_example(model.tokenizer, sentence.texts[0], codes, model.config.num_codebooks)
+            examples.append((inputs[:, :max_length], labels[:, :max_length]))
+    return examples
+
+
+@functools.lru_cache(maxsize=4)
+def _order(count: int, epoch: int, seed: int) -> list[int]:
+    order = list(range(count))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def _batch(examples, consumed: int, batch_size: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The batch after `consumed` examples of the endless stream of seeded per-epoch shuffles, and its
+    number of real (unpadded) positions."""
+    picks = []
+    for position in range(consumed, consumed + batch_size):
+        epoch, index = divmod(position, len(examples))
+        picks.append(examples[_order(len(examples), epoch, seed)[index]])
+    return *_pad(picks, device), sum(x.shape[1] for x, _ in picks)
+
+
+def _pad(picks, device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(x.shape[1] for x, _ in picks)
+    rows = picks[0][0].shape[0]
+    inputs = torch.zeros(len(picks), rows, length, dtype=torch.long)
+    labels = torch.full((len(picks), rows, length), IGNORE, dtype=torch.long)
+    for i, (x, y) in enumerate(picks):
+        inputs[i, :, : x.shape[1]] = x
+        labels[i, :, : y.shape[1]] = y
+    return inputs.to(device), labels.to(device)
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size: int, choice: DeviceChoice) -> float:
+    """Mean loss over the held-out examples (weighted by batch)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for start in range(0, len(examples), batch_size):
+        inputs, labels = _pad(examples[start : start + batch_size], choice.device)
+        with choice.autocast():
+            losses.append(float(forward(model, inputs, labels).loss))
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def estimate_memory(model, batch_size: int, length: int, lora: LoraSettings, choice: DeviceChoice) -> float:
+    """A rough peak-memory estimate in GB; warns with a batch size that fits when the device has less."""
+    config = model.config
+    weight_bytes = sum(p.numel() * (4 if p.requires_grad else p.element_size()) for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer_bytes = trainable * 4 * 3  # gradients and two Adam moments, fp32
+    act_bytes_per_token = (config.n_layer + config.n_fast_layer * config.num_codebooks) * config.dim * 16 * (2 if choice.dtype != torch.float32 else 4) // 2
+    logits_bytes_per_token = config.vocab_size * 4 * 2
+    per_sample = length * (act_bytes_per_token + logits_bytes_per_token)
+    total = weight_bytes + optimizer_bytes + batch_size * per_sample
+    available = _device_memory(choice)
+    if available and total > 0.9 * available:
+        fits = max(1, int((0.9 * available - weight_bytes - optimizer_bytes) // per_sample))
+        logger.warning(
+            f"estimated peak memory {total / 1e9:.1f} GB exceeds the {available / 1e9:.1f} GB on {choice.device}: "
+            f"try --batch-size {fits} (with --gradient-accumulation-steps to keep the effective batch) or --gradient-checkpointing"
+        )
+    return total / 1e9
+
+
+def _device_memory(choice: DeviceChoice) -> int | None:
+    if choice.type == "cuda":
+        return torch.cuda.get_device_properties(choice.device).total_memory
+    return None
+
+
+class _MetricsLog:
+    """metrics.jsonl (one JSON object per step) and TensorBoard scalars, under results/<project>/logs/."""
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(folder / "metrics.jsonl", "a", encoding="utf-8")
+        self.board = SummaryWriter(str(folder / "tensorboard"))
+
+    def write(self, metrics: dict) -> None:
+        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            if key != "step":
+                self.board.add_scalar(key, value, metrics["step"])
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.board.close()
+
+
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a flag, so the loop can save a checkpoint and stop cleanly."""
+
+    def __init__(self):
+        self.name = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
