@@ -31,9 +31,22 @@ from fs_pipeline.models import (
 BIGRAMS = ["th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te", "of", "ed",
            "is", "it", "al", "ar", "st", "to", "nt", "ng", "se", "ha", "as", "ou", "io", "le", " t", " a",
            " s", " w", " o", " i", " b", " c", " m", " f"]
-SEMANTIC_CODEBOOK_SIZE = 64
-RESIDUAL_CODEBOOKS = 3
-RESIDUAL_CODEBOOK_SIZE = 32
+# LLM shapes and codebooks. "s1-mini" has the release's sizes (as published for openaudio-s1-mini:
+# Qwen3-0.6B-like slow transformer, 4 fast layers, 10 codebooks) with random weights, for GPU runs.
+SIZES = {
+    "tiny": {
+        "codebooks": {"semantic": 64, "residual": 3, "residual_size": 32},
+        "llm": dict(n_layer=2, n_head=4, n_local_heads=2, head_dim=16, dim=64, intermediate_size=128, n_fast_layer=1,
+                    fast_dim=64, fast_n_head=4, fast_n_local_heads=2, fast_head_dim=16, fast_intermediate_size=128,
+                    max_seq_len=2048, rope_base=10000, tie_word_embeddings=False),
+    },
+    "s1-mini": {
+        "codebooks": {"semantic": 4096, "residual": 9, "residual_size": 1024},
+        "llm": dict(vocab_size=155776, n_layer=28, n_head=16, n_local_heads=8, head_dim=128, dim=1024, intermediate_size=3072,
+                    n_fast_layer=4, fast_dim=1024, fast_n_head=16, fast_n_local_heads=8, fast_head_dim=64,
+                    fast_intermediate_size=3072, max_seq_len=8192, rope_base=1_000_000, tie_word_embeddings=True),
+    },
+}
 
 
 def tokenizer_ranks() -> dict[bytes, int]:
@@ -49,7 +62,7 @@ def special_tokens(first_id: int, semantic_codebook_size: int) -> dict[str, int]
     return {name: first_id + i for i, name in enumerate(names)}
 
 
-def codec_config(sample_rate: int) -> dict:
+def codec_config(sample_rate: int, semantic: int, residual: int, residual_size: int) -> dict:
     """The S1-mini codec's hydra config, scaled down: same classes and hop, no transformer layers."""
     encoder_dim = 4
     return {
@@ -64,50 +77,40 @@ def codec_config(sample_rate: int) -> dict:
         "quantizer": {
             "_target_": "fish_speech.models.dac.rvq.DownsampleResidualVectorQuantize",
             "input_dim": encoder_dim * 2**4,
-            "n_codebooks": RESIDUAL_CODEBOOKS,
-            "codebook_size": RESIDUAL_CODEBOOK_SIZE,
+            "n_codebooks": residual,
+            "codebook_size": residual_size,
             "codebook_dim": 8,
             "quantizer_dropout": 0.0,
             "downsample_factor": [2, 2],
-            "semantic_codebook_size": SEMANTIC_CODEBOOK_SIZE,
+            "semantic_codebook_size": semantic,
         },
     }
 
 
-def llm_config(vocab_size: int, codebook_size: int, num_codebooks: int):
+def llm_config(size: str, vocab_size: int, codebook_size: int, num_codebooks: int):
     from fish_speech.models.text2semantic.llama import DualARModelArgs
 
+    shape = {"vocab_size": vocab_size, **SIZES[size]["llm"]}
+    shape["vocab_size"] = max(shape["vocab_size"], vocab_size)
     return DualARModelArgs(
-        vocab_size=vocab_size,
-        n_layer=2,
-        n_head=4,
-        n_local_heads=2,
-        head_dim=16,
-        dim=64,
-        intermediate_size=128,
-        rope_base=10000,
+        **shape,
         norm_eps=1e-6,
-        max_seq_len=2048,
-        tie_word_embeddings=False,
         attention_qk_norm=True,
         codebook_size=codebook_size,
         num_codebooks=num_codebooks,
-        n_fast_layer=1,
-        fast_dim=64,
-        fast_n_head=4,
-        fast_n_local_heads=2,
-        fast_head_dim=16,
-        fast_intermediate_size=128,
         scale_codebook_embeddings=True,
         use_gradient_checkpointing=False,
     )
 
 
-def write_tiny_model(output: Path, seed: int = 0, version_name: str = DEFAULT_MODEL_VERSION, full_codec: bool = False) -> Path:
+def write_tiny_model(
+    output: Path, seed: int = 0, version_name: str = DEFAULT_MODEL_VERSION, full_codec: bool = False, llm_size: str = "tiny"
+) -> Path:
     """Write the tiny model to `output` atomically (built in a temp dir beside it, then renamed).
 
     With `full_codec`, the codec is the version's own full-size architecture (random weights) and the
-    model dir has no codec_config.yaml, as in a real release; the LLM stays tiny. Benchmarks use it."""
+    model dir has no codec_config.yaml, as in a real release. `llm_size` "s1-mini" makes the LLM
+    release-sized (random weights, ~2 GB). Benchmarks and GPU runs use these."""
     from fish_speech.models.text2semantic.llama import DualARTransformer
     from fish_speech.tokenizer import FishTokenizer
     from omegaconf import OmegaConf
@@ -118,8 +121,11 @@ def write_tiny_model(output: Path, seed: int = 0, version_name: str = DEFAULT_MO
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     staging.chmod(0o755)  # mkdtemp makes it owner-only
     try:
+        codebooks = SIZES[llm_size]["codebooks"]
         codec_cfg = (
-            OmegaConf.load(package_codec_config(version)) if full_codec else OmegaConf.create(codec_config(version.sample_rate))
+            OmegaConf.load(package_codec_config(version))
+            if full_codec
+            else OmegaConf.create(codec_config(version.sample_rate, **codebooks))
         )
         semantic_size = int(codec_cfg.quantizer.semantic_codebook_size)
         ranks = tokenizer_ranks()
@@ -130,7 +136,7 @@ def write_tiny_model(output: Path, seed: int = 0, version_name: str = DEFAULT_MO
         tokenizer = FishTokenizer.from_pretrained(str(staging))
 
         torch.manual_seed(seed)
-        config = llm_config(max(specials.values()) + 1, semantic_size, codec_codebook_count(codec_cfg))
+        config = llm_config(llm_size, max(specials.values()) + 1, semantic_size, codec_codebook_count(codec_cfg))
         config.save(staging / "config.json")
         llm = DualARTransformer(config, tokenizer=tokenizer)
         torch.save(llm.state_dict(), staging / "model.pth")
@@ -155,9 +161,11 @@ def write_tiny_model(output: Path, seed: int = 0, version_name: str = DEFAULT_MO
 @click.option("--seed", default=0, show_default=True, help="Random seed; the same seed gives identical files.")
 @click.option("--model-version", default=DEFAULT_MODEL_VERSION, show_default=True, help="Layout and codec rate to imitate.")
 @click.option("--full-codec", is_flag=True, help="Use the version's full-size codec architecture (random weights, ~1.5 GB) for benchmarks.")
-def main(output: Path, seed: int, model_version: str, full_codec: bool) -> None:
+@click.option("--llm-size", type=click.Choice(sorted(SIZES)), default="tiny", show_default=True,
+              help="s1-mini: a release-sized LLM with random weights (~2 GB), for GPU runs and benchmarks.")
+def main(output: Path, seed: int, model_version: str, full_codec: bool, llm_size: str) -> None:
     """Write a tiny random Fish Speech base model (LLM + tokenizer + codec) in the release layout."""
-    path = write_tiny_model(output, seed, model_version, full_codec)
+    path = write_tiny_model(output, seed, model_version, full_codec, llm_size)
     size_mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
     click.echo(f"Tiny {model_version} model written to {path} ({size_mb:.1f} MB, seed {seed})")
 

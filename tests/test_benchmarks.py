@@ -11,3 +11,11 @@ def test_extract_throughput_smoke():
     )
     assert result.exit_code == 0, result.output
     assert "| upstream approach" in result.output and "| fs-pipeline, batch 2, 0 workers |" in result.output
+
+
+def test_train_throughput_smoke():
+    from benchmarks import train_throughput
+
+    result = CliRunner().invoke(train_throughput.main, ["--steps", "2", "--frames", "20", "--no-record", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "| fs-pipeline |" in result.output

@@ -76,13 +76,9 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     if payload:
         checkpoints.check_compatible(payload, resume, identity, model_dir.version.name, lora.as_dict())
 
-    model = build_llm(model_dir)
-    load_llm_weights(model, model_dir)
-    add_lora(model, lora)
-    if payload:
-        load_lora_state(model, payload["lora"], resume)
-    prepare_for_training(model, choice.device, choice.dtype)
-    model.train()
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)  # before the adapters are initialised
+    model = prepare_model(model_dir, lora, choice, payload["lora"] if payload else None, resume)
 
     train_examples = _examples(project.data_dir / TRAIN_FILE, model, max_length)
     val_examples = _examples(project.data_dir / VAL_FILE, model, max_length)
@@ -94,8 +90,6 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
     step, consumed = 0, 0
-    random.seed(settings.seed)
-    torch.manual_seed(settings.seed)
     if settings.resume_from:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -169,6 +163,17 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
         log.close()
         stop.restore()
     return TrainResult(step, last_path, stop.name, train_loss, val_loss)
+
+
+def prepare_model(model_dir: ModelDir, lora: LoraSettings, choice: DeviceChoice, lora_state=None, source=None):
+    """The base LLM with adapters (fresh, or from `lora_state`), ready to train on the chosen device."""
+    model = build_llm(model_dir)
+    load_llm_weights(model, model_dir)
+    add_lora(model, lora)
+    if lora_state is not None:
+        load_lora_state(model, lora_state, source)
+    prepare_for_training(model, choice.device, choice.dtype)
+    return model.train()
 
 
 def _check(settings: TrainSettings) -> None:

@@ -1,0 +1,84 @@
+"""Training throughput of our LoRA trainer on synthetic packed data.
+
+    python -m benchmarks.train_throughput [--llm-size s1-mini] [--batch-size 4] [--frames 400] [--steps 20]
+
+Builds a base model with random weights (--llm-size tiny or the release-sized s1-mini), writes packed
+train/val data of random codes with short texts, trains LoRA r=8 for --steps steps through the same
+stage code users run, and reports tokens/s (steps after the first two) and peak GPU memory.
+"""
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+import numpy as np
+
+from benchmarks.common import append_result
+from fs_pipeline.device import select_device
+from fs_pipeline.models import open_model_dir
+from fs_pipeline.packed import speaker_message, write_protos
+from fs_pipeline.project import Project
+from fs_pipeline.stages import train
+from fs_pipeline.stages.pack import TRAIN_FILE, VAL_FILE
+from fs_pipeline.tiny_model import write_tiny_model
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven small voices read clear sentences aloud".split()
+
+
+def synthetic_utterances(model_dir, count: int, frames: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    sizes = [model_dir.config["codebook_size"]] + [1024 if model_dir.config["codebook_size"] > 1024 else 32] * (model_dir.num_codebooks - 1)
+    words = random.Random(seed)
+    for _ in range(count):
+        text = " ".join(words.choice(WORDS) for _ in range(frames // 12)).capitalize() + "."
+        codes = np.stack([rng.integers(0, size, frames) for size in sizes])
+        yield text, codes
+
+
+@click.command()
+@click.option("--llm-size", type=click.Choice(["tiny", "s1-mini"]), default="tiny", show_default=True)
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--frames", default=400, show_default=True, help="Semantic frames per utterance (21.5 per second of audio).")
+@click.option("--steps", default=20, show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--device", default=None)
+@click.option("--no-record", is_flag=True, help="Print only; don't append to RESULTS.md (smoke tests).")
+def main(llm_size, batch_size, frames, steps, gradient_checkpointing, device, no_record):
+    choice = select_device(device)
+    work = Path(tempfile.mkdtemp(prefix="fs-bench-train-"))
+    try:
+        model_dir = open_model_dir(write_tiny_model(work / "model", llm_size=llm_size))
+        project = Project("bench", root=work / "results")
+        utterances = list(synthetic_utterances(model_dir, 64, frames))
+        write_protos(project.data_dir / TRAIN_FILE, [speaker_message("spk", "synthetic", utterances[:60])])
+        write_protos(project.data_dir / VAL_FILE, [speaker_message("spk", "synthetic", utterances[60:])])
+        settings = train.TrainSettings(
+            max_steps=steps, batch_size=batch_size, checkpoint_every=steps, gradient_checkpointing=gradient_checkpointing
+        )
+        train.run(settings, model_dir, choice, project)
+        metrics = [json.loads(line) for line in open(project.dir / "logs" / "metrics.jsonl")]
+        timed = metrics[2:] or metrics
+        tokens_per_second = sum(m["tokens_per_second"] for m in timed) / len(timed)
+        peak = max(m.get("peak_memory_gb", 0.0) for m in metrics)
+        table = "\n".join(
+            [
+                f"{llm_size} LLM (random weights), LoRA r=8, {choice.precision}, batch {batch_size} x ~{frames + 40} tokens, "
+                f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, {steps} steps",
+                "",
+                "| trainer | tokens/s | peak GPU memory (GB) | final loss |",
+                "| --- | --- | --- | --- |",
+                f"| fs-pipeline | {tokens_per_second:.0f} | {peak:.1f} | {metrics[-1]['loss']:.3f} |",
+            ]
+        )
+        click.echo(table)
+        if not no_record:
+            append_result("Training throughput", choice.device, table)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fs_pipeline import PipelineError, checkpoints
+from fs_pipeline.lora import LoraSettings
+from fs_pipeline.manifest import Manifest
+from fs_pipeline.modeling import forward
+from fs_pipeline.models import open_model_dir
+from fs_pipeline.project import Project
+from fs_pipeline.stages import extract, pack, train
+from fs_pipeline.tiny_model import write_tiny_model
+from tests.conftest import REPO
+
+FAST = dict(batch_size=4, learning_rate=3e-3, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def packed_data(sample_dataset, tiny_model_dir, cpu, tmp_path_factory):
+    """A dataset with codes extracted and a project holding its packed data, built once."""
+    root = tmp_path_factory.mktemp("train")
+    data = shutil.copytree(sample_dataset, root / "data")
+    project = Project("base", root=root / "results")
+    manifest = Manifest(project.manifest_path)
+    extract.run(extract.ExtractSettings(data, num_workers=0), tiny_model_dir, cpu, manifest)
+    pack.run(pack.PackSettings(data), tiny_model_dir, project, manifest)
+    return data, project
+
+
+@pytest.fixture
+def project(packed_data, tmp_path):
+    """A fresh project with the packed data already in place."""
+    fresh = Project("p", root=tmp_path / "results")
+    shutil.copytree(packed_data[1].data_dir, fresh.data_dir)
+    return fresh
+
+
+def losses(project):
+    return [json.loads(line)["loss"] for line in open(project.dir / "logs" / "metrics.jsonl")]
+
+
+def test_loss_falls_when_overfitting(project, tiny_model_dir, cpu):
+    result = train.run(train.TrainSettings(max_steps=40, checkpoint_every=40, **FAST), tiny_model_dir, cpu, project)
+    history = losses(project)
+    assert result.step == 40 and len(history) == 40
+    assert sum(history[-5:]) / 5 < 0.6 * sum(history[:5]) / 5
+    assert result.val_loss is not None
+
+
+def test_only_adapters_change(project, tiny_model_dir, cpu):
+    model = train.prepare_model(tiny_model_dir, LoraSettings(), cpu)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = train._examples(project.data_dir / pack.TRAIN_FILE, model, 2048)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for step in range(3):
+        inputs, labels, _ = train._batch(examples, step * 2, 2, 0, cpu.device)
+        forward(model, inputs, labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        train.evaluate(model, examples[:2], 2, cpu)  # eval mode must not merge adapters into the weights
+    after = model.state_dict()
+    for key, value in before.items():
+        if "lora_" in key:
+            continue
+        assert torch.equal(after[key], value), f"base weight {key} changed"
+    assert any(not torch.equal(after[k], before[k]) for k in before if "lora_B" in k)
+
+
+def test_resume_is_exact(project, packed_data, tiny_model_dir, cpu, tmp_path):
+    settings = dict(checkpoint_every=6, **FAST)
+    train.run(train.TrainSettings(max_steps=12, **settings), tiny_model_dir, cpu, project)
+    uninterrupted = losses(project)
+
+    resumed = Project("resumed", root=tmp_path / "results")
+    shutil.copytree(packed_data[1].data_dir, resumed.data_dir)
+    train.run(train.TrainSettings(max_steps=6, **settings), tiny_model_dir, cpu, resumed)
+    first_half = checkpoints.latest(resumed.dir / "checkpoints").path
+    result = train.run(train.TrainSettings(max_steps=12, resume_from=first_half, **settings), tiny_model_dir, cpu, resumed)
+    assert result.step == 12
+    assert losses(resumed) == uninterrupted  # steps 1-6, then 7-12 after the resume: bit for bit
+
+
+def test_resume_at_max_steps_trains_no_more(project, tiny_model_dir, cpu):
+    train.run(train.TrainSettings(max_steps=3, checkpoint_every=3, **FAST), tiny_model_dir, cpu, project)
+    last = checkpoints.latest(project.dir / "checkpoints").path
+    result = train.run(train.TrainSettings(max_steps=3, resume_from=last, **FAST), tiny_model_dir, cpu, project)
+    assert result.step == 3 and len(losses(project)) == 3
+
+
+def test_warm_start_takes_adapters_not_progress(project, tiny_model_dir, cpu, tmp_path):
+    train.run(train.TrainSettings(max_steps=4, checkpoint_every=4, **FAST), tiny_model_dir, cpu, project)
+    source = checkpoints.latest(project.dir / "checkpoints").path
+    other = Project("other", root=tmp_path / "results")
+    shutil.copytree(project.data_dir, other.data_dir)
+    result = train.run(
+        train.TrainSettings(max_steps=2, checkpoint_every=2, warm_start_from=source, **FAST), tiny_model_dir, cpu, other
+    )
+    assert result.step == 2
+    assert losses(other)[0] < losses(project)[0]  # it starts from trained adapters
+
+
+def test_wrong_rank_checkpoint_is_refused(project, tiny_model_dir, cpu):
+    train.run(train.TrainSettings(max_steps=2, checkpoint_every=2, **FAST), tiny_model_dir, cpu, project)
+    last = checkpoints.latest(project.dir / "checkpoints").path
+    with pytest.raises(PipelineError, match=r"has LoRA rank 8 / alpha 16, this run uses rank 4 / alpha 8: pass --lora-config r_8_alpha_16"):
+        train.run(train.TrainSettings(max_steps=4, lora_config="r_4_alpha_8", resume_from=last, **FAST), tiny_model_dir, cpu, project)
+
+
+def test_checkpoint_of_another_base_model_is_refused(project, tiny_model_dir, cpu, tmp_path):
+    train.run(train.TrainSettings(max_steps=2, checkpoint_every=2, **FAST), tiny_model_dir, cpu, project)
+    last = checkpoints.latest(project.dir / "checkpoints").path
+    other_base = open_model_dir(write_tiny_model(tmp_path / "other_base", seed=5))
+    with pytest.raises(PipelineError, match="was trained on another base model"):
+        train.run(train.TrainSettings(max_steps=4, warm_start_from=last, **FAST), other_base, cpu, project)
+
+
+def test_truncated_checkpoint_is_reported(project, tiny_model_dir, cpu):
+    train.run(train.TrainSettings(max_steps=2, checkpoint_every=2, **FAST), tiny_model_dir, cpu, project)
+    path = checkpoints.latest(project.dir / "checkpoints").path
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(PipelineError, match=r"cannot read checkpoint .*step_000000002.ckpt .*damaged"):
+        checkpoints.load(path)
+    assert checkpoints.unreadable(project.dir / "checkpoints") == [path]
+
+
+def test_pruning_keeps_newest_and_best(tmp_path):
+    for step, val in [(1, 3.0), (2, 1.0), (3, 2.5), (4, 2.8), (5, 2.9)]:
+        checkpoints.save(tmp_path, {"step": step, "metrics": {"val_loss": val}})
+    removed = checkpoints.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["step_000000001.ckpt", "step_000000003.ckpt"]
+    assert [i.step for i in checkpoints.list_checkpoints(tmp_path)] == [2, 4, 5]
+    assert checkpoints.best(tmp_path).step == 2
+
+
+def test_bad_settings(project, tiny_model_dir, cpu):
+    with pytest.raises(PipelineError, match="unknown --lora-config 'r_x'"):
+        train.run(train.TrainSettings(lora_config="r_x"), tiny_model_dir, cpu, project)
+    with pytest.raises(PipelineError, match="--batch-size must be at least 1"):
+        train.run(train.TrainSettings(batch_size=0), tiny_model_dir, cpu, project)
+
+
+def run_cli(args, cwd, **kwargs):
+    return subprocess.run([sys.executable, str(REPO / "finetune_tts.py"), *args], cwd=cwd, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture
+def cli_project(packed_data, tiny_model_path, tmp_path):
+    data, project = packed_data
+    shutil.copytree(data, tmp_path / "training_data" / "voice")
+    common = ["--project", "p", "--data-dir", "training_data/voice", "--pretrained-ckpt-path", str(tiny_model_path),
+              "--num-workers-extract", "0", "--device", "cpu", "--learning-rate", "3e-3"]
+    return tmp_path, common
+
+
+def test_list_checkpoints_and_resume_flags(cli_project):
+    cwd, common = cli_project
+    empty = run_cli(["--project", "p", "--list-checkpoints"], cwd)
+    assert empty.returncode == 0 and empty.stdout.strip() == "No checkpoints in results/p/checkpoints yet: train with --train."
+    trained = run_cli([*common, "--train", "--max-steps", "4", "--checkpoint-every", "2"], cwd)
+    assert trained.returncode == 0, trained.stderr
+    assert "Trained to step 4" in trained.stdout
+    listing = run_cli(["--project", "p", "--list-checkpoints"], cwd).stdout.splitlines()
+    assert listing[0] == "Checkpoints in results/p/checkpoints:"
+    assert listing[1].startswith("  step_000000002.ckpt") and "step       2  val_loss " in listing[1]
+    assert listing[2].startswith("  step_000000004.ckpt")
+    assert listing[3] == "Latest: step_000000004.ckpt (step 4)"
+    assert listing[4].startswith("Best:   step_00000000")
+
+    both = run_cli([*common, "--train", "--resume-latest", "--resume-from-checkpoint", "x.ckpt"], cwd)
+    assert both.returncode == 1
+    assert both.stderr.strip() == "error: --resume-latest and --resume-from-checkpoint both given: pass one of them"
+
+
+@pytest.mark.timeout(180)
+def test_sigint_saves_a_checkpoint_and_resume_continues(cli_project):
+    cwd, common = cli_project
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "finetune_tts.py"), *common, "--train", "--max-steps", "100000", "--checkpoint-every", "100000"],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = cwd / "results" / "p" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Stopped by SIGINT at step" in out and "--resume-latest" in out
+    saved = checkpoints.latest(cwd / "results" / "p" / "checkpoints")
+    assert saved is not None and saved.step >= 3
+    checkpoints.load(saved.path)
+
+    resumed = run_cli([*common, "--train", "--resume-latest", "--max-steps", str(saved.step + 2), "--checkpoint-every", "100000"], cwd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Trained to step {saved.step + 2}" in resumed.stdout
