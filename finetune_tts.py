@@ -12,7 +12,7 @@ from fs_pipeline.lora import LORA_CONFIG_NAMES
 from fs_pipeline.manifest import Manifest
 from fs_pipeline.models import DEFAULT_MODEL_VERSION, MODEL_VERSIONS, load_codec, load_llm, open_model_dir
 from fs_pipeline.project import Project
-from fs_pipeline.stages import extract, pack, train
+from fs_pipeline.stages import extract, merge, pack, train
 
 DEFAULT_BASE_MODEL = Path("checkpoints/openaudio-s1-mini")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
@@ -53,6 +53,11 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--checkpoint-path", type=click.Path(path_type=Path),
               help="Warm start: take the adapters of this checkpoint (or the latest in this folder), with a fresh optimizer at step 0.")
 @click.option("--list-checkpoints", is_flag=True, help="List the project's checkpoints with their step, size and validation loss.")
+# merge
+@click.option("--merge-weights", is_flag=True,
+              help="Fold a checkpoint's adapters into the base: checkpoints/PROJECT-merged/ (self-contained) and checkpoints/PROJECT-lora/.")
+@click.option("--checkpoint-step", type=int, help="Merge the checkpoint of this step [default: best validation loss, else latest].")
+@click.option("--checkpoint", "merge_checkpoint", type=click.Path(path_type=Path), help="Merge this checkpoint file.")
 @device_options
 @user_errors
 def main(**flags) -> None:
@@ -67,17 +72,19 @@ def main(**flags) -> None:
       python finetune_tts.py --project P --data-dir training_data/NAME --train --max-steps 1000
       python finetune_tts.py --project P --list-checkpoints
       python finetune_tts.py --project P --data-dir training_data/NAME --train --resume-latest
+    Merge the best checkpoint into a self-contained model (checkpoints/P-merged):
+      python finetune_tts.py --project P --merge-weights
     """
     setup_logging()
-    actions = [flags["check_model"], flags["extract_tokens"], flags["do_train"], flags["list_checkpoints"]]
+    actions = [flags["check_model"], flags["extract_tokens"], flags["do_train"], flags["list_checkpoints"], flags["merge_weights"]]
     if not any(actions):
-        raise click.UsageError("nothing to do: pass --check-model, --extract-tokens, --train or --list-checkpoints (see --help)")
+        raise click.UsageError("nothing to do: pass --check-model, --extract-tokens, --train, --list-checkpoints or --merge-weights (see --help)")
     if flags["resume_latest"] and flags["resume_from_checkpoint"]:
         raise PipelineError("--resume-latest and --resume-from-checkpoint both given: pass one of them")
 
     if flags["list_checkpoints"]:
         click.echo(format_checkpoints(project_of(flags)))
-        if not (flags["check_model"] or flags["extract_tokens"] or flags["do_train"]):
+        if not (flags["check_model"] or flags["extract_tokens"] or flags["do_train"] or flags["merge_weights"]):
             return
 
     choice = select_device(flags["device"], flags["force_mps"])
@@ -90,6 +97,8 @@ def main(**flags) -> None:
         run_extract_and_pack(project, data_dir, model_dir, choice, flags)
         if flags["do_train"]:
             run_train(project, data_dir, model_dir, choice, flags)
+    if flags["merge_weights"]:
+        run_merge(project_of(flags), model_dir, choice, flags)
 
 
 def project_of(flags) -> Project:
@@ -149,6 +158,17 @@ def run_train(project: Project, data_dir: Path, model_dir, choice, flags) -> Non
     if result.val_loss is not None:
         losses += f", validation loss {result.val_loss:.4f}"
     click.echo(f"Trained to step {result.step} ({losses}). Checkpoints: {ckpt_dir}")
+
+
+def run_merge(project: Project, model_dir, choice, flags) -> None:
+    settings = merge.MergeSettings(checkpoint=flags["merge_checkpoint"], checkpoint_step=flags["checkpoint_step"])
+    result = merge.run(settings, model_dir, choice, project)
+    if result.skipped:
+        click.echo(f"Merged model up to date: {result.merged_dir} (from {result.checkpoint.name})")
+    else:
+        click.echo(f"Merged {result.checkpoint.name} into {result.merged_dir} (merge check: max logit difference {result.max_logit_diff:.2e})")
+    click.echo(f"Adapters alone: {result.adapter_dir}")
+    click.echo(f'Try it: python cli_tts.py "Hello from my new voice." --model-path {result.merged_dir} -o output/hello.wav')
 
 
 def format_checkpoints(project: Project) -> str:

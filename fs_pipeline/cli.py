@@ -33,9 +33,8 @@ def user_errors(fn):
 
 def device_options(fn):
     fn = click.option("--force-mps", is_flag=True, help="Use Apple MPS even though it falls back to CPU by default.")(fn)
-    fn = click.option(
-        "--device", type=click.Choice(["cuda", "mps", "cpu"]), default=None, help="Override the automatic choice (cuda > mps > cpu)."
-    )(fn)
+    # A plain string, checked by select_device, so a wrong name gets our one-line error.
+    fn = click.option("--device", default=None, help="cuda, mps or cpu; overrides the automatic choice (cuda > mps > cpu).")(fn)
     return fn
 
 

@@ -1,0 +1,245 @@
+"""Merge: fold a checkpoint's LoRA adapters into the base weights -> a self-contained model directory.
+
+Reads   the base model dir, results/<project>/checkpoints/step_*.ckpt (default: best validation loss, else latest)
+Writes  checkpoints/<project>-merged/  model.pth, config.json, tokenizer.tiktoken, special_tokens.json,
+        codec.pth (+ codec_config.yaml when the base has one), manifest.json
+        checkpoints/<project>-lora/    adapter.safetensors + adapter_config.json (the adapters alone)
+Skips   when <project>-merged/manifest.json records the same base model and checkpoint
+
+<project>-merged is a symbolic link to a versioned directory beside it. A new version is built and
+checked in full, then the link is swapped in one atomic rename: a run killed at any moment leaves the
+old model or the new one, never a broken one.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from fs_pipeline import PipelineError, checkpoints
+from fs_pipeline.device import DeviceChoice
+from fs_pipeline.fileio import file_hash, write_json_atomic
+from fs_pipeline.lora import LoraSettings, adapted_layers, add_lora, load_lora_state, lora_state_dict
+from fs_pipeline.modeling import fast_forward, slow_forward
+from fs_pipeline.models import CODEC_CONFIG_FILE, ModelDir, build_llm, load_llm, load_llm_weights, model_identity, open_model_dir
+from fs_pipeline.project import Project
+from fs_pipeline.prompt import training_example
+from fs_pipeline.stages.pack import TRAIN_FILE
+
+MODELS_ROOT = Path("checkpoints")
+# Merge-check tolerance on logits, relative to their largest magnitude, by the dtype the merged weights are stored in.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    checkpoint: Path | None = None  # default: best by validation loss, else latest
+    checkpoint_step: int | None = None
+    output_root: Path = MODELS_ROOT
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    merged_dir: Path
+    adapter_dir: Path
+    checkpoint: Path
+    skipped: bool
+    max_logit_diff: float
+
+
+def merged_path(project: Project, root: Path = MODELS_ROOT) -> Path:
+    return Path(root) / f"{project.name}-merged"
+
+
+def choose_checkpoint(project: Project, settings: MergeSettings) -> Path:
+    folder = project.dir / "checkpoints"
+    if settings.checkpoint and settings.checkpoint_step is not None:
+        raise PipelineError("--checkpoint and --checkpoint-step both given: pass one of them")
+    if settings.checkpoint:
+        return checkpoints.resolve(settings.checkpoint)
+    if settings.checkpoint_step is not None:
+        path = folder / checkpoints.checkpoint_name(settings.checkpoint_step)
+        if not path.is_file():
+            steps = ", ".join(str(i.step) for i in checkpoints.list_checkpoints(folder)) or "none"
+            raise PipelineError(f"no checkpoint for step {settings.checkpoint_step} in {folder} (steps there: {steps})")
+        return path
+    chosen = checkpoints.best(folder) or checkpoints.latest(folder)
+    if chosen is None:
+        raise PipelineError(f"no checkpoint in {folder}: train first with --train")
+    return chosen.path
+
+
+def run(settings: MergeSettings, model_dir: ModelDir, choice: DeviceChoice, project: Project) -> MergeResult:
+    checkpoint = choose_checkpoint(project, settings)
+    payload = checkpoints.load(checkpoint)
+    identity = model_identity(model_dir)
+    lora = LoraSettings(**payload["lora_config"])
+    checkpoints.check_compatible(payload, checkpoint, identity, model_dir.version.name, lora.as_dict())
+
+    final = merged_path(project, settings.output_root)
+    adapter_dir = Path(settings.output_root) / f"{project.name}-lora"
+    inputs = {"base_identity": identity, "checkpoint": checkpoint.name, "checkpoint_sha256": file_hash(checkpoint)}
+    existing = final / "manifest.json"
+    if existing.is_file() and json.loads(existing.read_text())["inputs"] == inputs and (adapter_dir / "adapter_config.json").is_file():
+        return MergeResult(final, adapter_dir, checkpoint, True, json.loads(existing.read_text())["merge_check"]["max_logit_diff"])
+
+    adapted = build_llm(model_dir)
+    load_llm_weights(adapted, model_dir)
+    add_lora(adapted, lora)
+    load_lora_state(adapted, payload["lora"], checkpoint)
+    adapted.eval()
+
+    storage_dtype = _stored_dtype(model_dir)
+    merged_state = merged_weights(adapted, storage_dtype)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        _write_model_dir(staging, model_dir, merged_state)
+        diff, tolerance = merge_check(adapted, open_model_dir(staging, model_dir.version.name), storage_dtype)
+        check = {"max_logit_diff": diff, "tolerance": tolerance, "dtype": str(storage_dtype).removeprefix("torch."), "passed": diff <= tolerance}
+        if not check["passed"]:
+            raise PipelineError(
+                f"merge check failed: merged logits differ from base+LoRA by {diff:.3g} (tolerance {tolerance:.3g}); "
+                f"the merged model was not installed. Report this with {checkpoint}"
+            )
+        write_json_atomic(staging / "manifest.json", _manifest(model_dir, identity, checkpoint, payload, lora, project, inputs, check))
+        _export_adapter(adapter_dir, adapted, lora, identity, model_dir)
+        _swap_in(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return MergeResult(final, adapter_dir, checkpoint, False, diff)
+
+
+def _stored_dtype(model_dir: ModelDir) -> torch.dtype:
+    """The dtype the release stores its weights in (merged weights are stored the same way)."""
+    if model_dir.weights_file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(model_dir.weights_file), "pt") as f:
+            return f.get_tensor(next(iter(f.keys()))).dtype
+    state = torch.load(model_dir.weights_file, map_location="cpu", mmap=True, weights_only=True)
+    return next(v.dtype for v in state.values() if v.is_floating_point())
+
+
+@torch.no_grad()
+def merged_weights(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict with every adapter folded into its layer's weight, adapters dropped."""
+    state = {k: v.float().clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    prefixes = {id(module): name for name, module in model.named_modules()}
+    for parent, attribute in adapted_layers(model):
+        layer = getattr(parent, attribute)
+        key = f"{prefixes[id(parent)]}.{attribute}.weight".lstrip(".")
+        delta = (layer.lora_B.float() @ layer.lora_A.float()) * layer.scaling
+        state[key] += delta.T if isinstance(layer, torch.nn.Embedding) else delta
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _write_model_dir(folder: Path, model_dir: ModelDir, state: dict) -> None:
+    torch.save(state, folder / "model.pth")
+    names = ["config.json", "tokenizer.tiktoken", "special_tokens.json", "codec.pth"]
+    if (model_dir.path / CODEC_CONFIG_FILE).is_file():
+        names.append(CODEC_CONFIG_FILE)
+    for name in names:
+        shutil.copy2(model_dir.path / name, folder / name)
+
+
+def probe_batch(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed input: the probe sentence followed by seeded random frames."""
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, model.config.codebook_size, (model.config.num_codebooks, 16), generator=generator)
+    inputs, labels = training_example(model.tokenizer, PROBE_TEXT, codes, model.config.num_codebooks)
+    return inputs[None], labels[None]
+
+
+@torch.no_grad()
+def probe_logits(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token logits and codebook logits of the probe, flattened into one vector."""
+    token_logits, hidden = slow_forward(model, inputs)
+    frames = labels[:, 0] >= model.tokenizer.semantic_begin_id
+    codebook_logits = fast_forward(model, hidden[frames], labels[:, 1:].transpose(1, 2)[frames])
+    return torch.cat([token_logits.flatten(), codebook_logits.flatten()]).float()
+
+
+def merge_check(adapted, merged_dir: ModelDir, dtype: torch.dtype) -> tuple[float, float]:
+    """Max |logit difference| between base+LoRA and the merged model on the probe, and the tolerance."""
+    cpu_fp32 = DeviceChoice(torch.device("cpu"), torch.float32, "merge check")
+    merged = load_llm(merged_dir, cpu_fp32)
+    inputs, labels = probe_batch(adapted)
+    reference = probe_logits(adapted, inputs, labels)
+    diff = (probe_logits(merged, inputs, labels) - reference).abs().max().item()
+    return diff, TOLERANCE.get(dtype, 3e-2) * max(1.0, reference.abs().max().item())
+
+
+def _manifest(model_dir, identity, checkpoint, payload, lora, project, inputs, check) -> dict:
+    train_data = project.data_dir / TRAIN_FILE
+    return {
+        "inputs": inputs,
+        "base_model": {"path": str(model_dir.path), "identity": identity, "version": model_dir.version.name,
+                       "license": model_dir.version.license},
+        "checkpoint": {"path": str(checkpoint), "step": payload["step"], **payload.get("metrics", {})},
+        "lora_config": lora.as_dict(),
+        "data_sha256": file_hash(train_data) if train_data.is_file() else None,
+        "merge_check": check,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _export_adapter(folder: Path, model, lora: LoraSettings, identity: str, model_dir: ModelDir) -> None:
+    """The adapters alone, loadable on top of the base (cli_tts.py --lora DIR)."""
+    from safetensors.torch import save_file
+
+    from fs_pipeline.fileio import atomic_path
+
+    state = {k: v.float().contiguous() for k, v in lora_state_dict(model).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "adapter.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json_atomic(
+        folder / "adapter_config.json",
+        {"lora_config": lora.as_dict(), "base_model": {"identity": identity, "version": model_dir.version.name,
+                                                       "license": model_dir.version.license}},
+    )
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Point `final` (a symlink) at `staging` atomically, then remove the version it pointed at before."""
+    staging.chmod(0o755)
+    previous = final.resolve() if final.is_symlink() else None
+    if final.exists() and not final.is_symlink():
+        # A plain directory from elsewhere: move it aside first (the one non-atomic moment).
+        previous = final.with_name(f".{final.name}.replaced")
+        os.replace(final, previous)
+    link = final.with_name(f".{final.name}.link")
+    link.unlink(missing_ok=True)
+    link.symlink_to(staging.name)
+    os.replace(link, final)
+    if previous is not None and previous != staging.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
+    logger.info(f"merged model installed at {final} -> {staging.name}")
+
+
+def load_adapter(model, source: Path, base_identity: str) -> None:
+    """Add adapters to `model` from an adapter dir (adapter.safetensors + adapter_config.json) or a
+    checkpoint, after checking they were trained on this base model."""
+    from safetensors.torch import load_file
+
+    source = Path(source)
+    if source.is_dir() and (source / "adapter_config.json").is_file():
+        config = json.loads((source / "adapter_config.json").read_text())
+        lora, trained_on = LoraSettings(**config["lora_config"]), config["base_model"]["identity"]
+        state = load_file(str(source / "adapter.safetensors"))
+    else:
+        payload = checkpoints.load(checkpoints.resolve(source))
+        lora, trained_on, state = LoraSettings(**payload["lora_config"]), payload["base_model"]["identity"], payload["lora"]
+    if trained_on != base_identity:
+        raise PipelineError(f"{source} was trained on another base model: pass the base it was trained on as --model-path")
+    add_lora(model, lora)
+    load_lora_state(model, state, source)

@@ -1,0 +1,138 @@
+"""Synthesize: text -> semantic frames (the LLM) -> audio (the codec decoder).
+
+Reads   a model dir (a merged one, or a base plus --lora adapters), optional reference audio + its text
+Writes  one wav per line of text, at the codec's sample rate
+
+The prompt is prompt.prompt_values, the sequence training used: optional reference turns (text, codes,
+<|im_end|>), then the text, after which the model emits frames until <|im_end|>. Decoding is
+constrained: the slow transformer may only emit a semantic token or <|im_end|>, and each residual
+codebook is sampled among the codes its codec codebook has. Generation runs on fish-speech's own
+inference forward (forward_generate / forward_generate_fast with its KV caches).
+"""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fs_pipeline import PipelineError
+from fs_pipeline.audio.io import read_wav, write_wav
+from fs_pipeline.device import DeviceChoice
+from fs_pipeline.models import ModelDir, build_llm, load_codec, load_llm, load_llm_weights, model_identity
+from fs_pipeline.prompt import prompt_values
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    temperature: float = 0.8
+    top_p: float = 0.8
+    max_new_frames: int = 1024
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Synthesis:
+    path: Path
+    frames: int
+    audio_seconds: float
+    seconds: float  # wall time for generation and decoding
+
+    @property
+    def realtime_factor(self) -> float:
+        return self.audio_seconds / self.seconds if self.seconds else 0.0
+
+
+class Synthesizer:
+    """A loaded model and codec, ready to speak any number of texts."""
+
+    def __init__(self, model_dir: ModelDir, choice: DeviceChoice, lora: Path | None = None):
+        self.model_dir, self.choice = model_dir, choice
+        if lora is None:
+            self.model = load_llm(model_dir, choice)
+        else:
+            from fs_pipeline.stages.merge import load_adapter
+
+            self.model = build_llm(model_dir)
+            load_llm_weights(self.model, model_dir)
+            load_adapter(self.model, lora, model_identity(model_dir))
+            self.model = self.model.to(device=choice.device, dtype=choice.dtype).eval()
+        self.codec = load_codec(model_dir, choice)
+        self.residual_size = int(model_dir.codec_cfg.quantizer.codebook_size)
+        self.reference: list[tuple[str, torch.Tensor]] = []
+
+    def set_reference(self, audio: Path, text: str) -> None:
+        """Voice prompting: the model continues in the voice of this clip, whose transcript is `text`."""
+        if not Path(audio).is_file():
+            raise PipelineError(f"reference audio not found: {audio}")
+        if not text.strip():
+            raise PipelineError("--reference-audio needs --reference-text, the exact words spoken in it")
+        wav = torch.from_numpy(read_wav(audio, self.model_dir.version.sample_rate)).to(self.choice.device)
+        with torch.inference_mode():
+            codes, frames = self.codec.encode(wav[None, None])
+        self.reference = [(text.strip(), codes[0, :, : frames[0]].cpu())]
+
+    def speak(self, text: str, output: Path, settings: SynthesisSettings) -> Synthesis:
+        if not text.strip():
+            raise PipelineError("the text to speak is empty: pass some words")
+        started = time.perf_counter()
+        codes = self.generate(text.strip(), settings)
+        with torch.inference_mode():
+            if codes.shape[1]:
+                audio, _ = self.codec.decode(codes[None].to(self.choice.device), torch.tensor([codes.shape[1]], device=self.choice.device))
+                samples = audio[0, 0].float().cpu().numpy()
+            else:
+                samples = np.zeros(0, dtype=np.float32)
+        rate = self.model_dir.version.sample_rate
+        write_wav(output, samples, rate)
+        return Synthesis(Path(output), codes.shape[1], len(samples) / rate, time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def generate(self, text: str, settings: SynthesisSettings) -> torch.Tensor:
+        """Codes (num_codebooks, frames) for `text`."""
+        model, device = self.model, self.choice.device
+        tokenizer, n = model.tokenizer, model.config.num_codebooks
+        prompt = prompt_values(tokenizer, [*self.reference, (text, None)], n).to(device)
+        length = prompt.shape[1]
+        budget = min(settings.max_new_frames, model.config.max_seq_len - length - 1)
+        if budget < 1:
+            raise PipelineError(f"the prompt takes {length} tokens, the model's limit is {model.config.max_seq_len}: use a shorter text or reference")
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+        model.setup_caches(max_batch_size=1, max_seq_len=model.config.max_seq_len, dtype=next(model.parameters()).dtype)
+        end_id = tokenizer.get_token_id("<|im_end|>")
+        allowed = torch.full((model.config.vocab_size,), float("-inf"), device=device)
+        allowed[tokenizer.semantic_begin_id : tokenizer.semantic_end_id + 1] = 0
+        allowed[end_id] = 0
+
+        with self.choice.autocast():
+            result = model.forward_generate(prompt[None], torch.arange(length, device=device))
+            frames = []
+            for position in range(length, length + budget):
+                token = _sample(result.logits[0, -1].float() + allowed, settings, generator)
+                if token == end_id:
+                    break
+                frame = [token - tokenizer.semantic_begin_id]
+                hidden = result.hidden_states[:, -1:]
+                model.forward_generate_fast(hidden, torch.tensor([0], device=device))
+                x = model.fast_embeddings(torch.tensor([frame[0]], device=device))
+                for codebook in range(1, n):
+                    logits = model.forward_generate_fast(x, torch.tensor([codebook], device=device))
+                    frame.append(_sample(logits[0, 0, : self.residual_size].float(), settings, generator))
+                    x = model.fast_embeddings(torch.tensor([frame[-1]], device=device))
+                frames.append(frame)
+                step = torch.tensor([token, *frame], device=device)[None, :, None]
+                result = model.forward_generate(step, torch.tensor([position], device=device))
+        if not frames:
+            return torch.zeros(n, 0, dtype=torch.long)
+        return torch.tensor(frames, dtype=torch.long).T
+
+
+def _sample(logits: torch.Tensor, settings: SynthesisSettings, generator: torch.Generator) -> int:
+    """Nucleus sampling at a temperature."""
+    probs = torch.softmax(logits / max(settings.temperature, 1e-5), dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < settings.top_p  # always keeps the most likely one
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice])
