@@ -1,0 +1,173 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+import torch
+
+from fs_pipeline import PipelineError, checkpoints
+from fs_pipeline.manifest import Manifest
+from fs_pipeline.models import build_llm, load_llm, load_llm_weights, model_identity, open_model_dir
+from fs_pipeline.project import Project
+from fs_pipeline.stages import extract, merge, pack, train
+from fs_pipeline.stages.synthesize import SynthesisSettings, Synthesizer
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def trained(sample_dataset, tiny_model_path, cpu, tmp_path_factory):
+    """A private base model copy and a project trained for a few steps on the sample."""
+    root = tmp_path_factory.mktemp("merge")
+    base = open_model_dir(shutil.copytree(tiny_model_path, root / "base"))
+    data = shutil.copytree(sample_dataset, root / "data")
+    project = Project("voice", root=root / "results")
+    manifest = Manifest(project.manifest_path)
+    extract.run(extract.ExtractSettings(data, num_workers=0), base, cpu, manifest)
+    pack.run(pack.PackSettings(data), base, project, manifest)
+    train.run(train.TrainSettings(max_steps=8, checkpoint_every=4, batch_size=4, learning_rate=3e-3, warmup_steps=2), base, cpu, project)
+    return root, base, project
+
+
+@pytest.fixture
+def merged(trained, cpu, tmp_path):
+    root, base, project = trained
+    result = merge.run(merge.MergeSettings(output_root=tmp_path / "checkpoints"), base, cpu, project)
+    return result, base, project
+
+
+def adapted_model(base, source):
+    model = build_llm(base)
+    load_llm_weights(model, base)
+    merge.load_adapter(model, source, model_identity(base))
+    return model.eval()
+
+
+def test_merged_logits_equal_base_plus_lora(merged, cpu):
+    result, base, _ = merged
+    assert not result.skipped and result.max_logit_diff < 1e-3
+    reference_model = adapted_model(base, result.checkpoint)
+    inputs, labels = merge.probe_batch(reference_model)
+    merged_model = load_llm(open_model_dir(result.merged_dir), cpu)
+    torch.testing.assert_close(
+        merge.probe_logits(merged_model, inputs, labels), merge.probe_logits(reference_model, inputs, labels), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_adapter_export_loads_on_the_base_with_the_same_logits(merged, cpu):
+    result, base, _ = merged
+    from_export = adapted_model(base, result.adapter_dir)
+    from_checkpoint = adapted_model(base, result.checkpoint)
+    inputs, labels = merge.probe_batch(from_export)
+    assert torch.equal(merge.probe_logits(from_export, inputs, labels), merge.probe_logits(from_checkpoint, inputs, labels))
+
+
+def test_default_checkpoint_is_the_best_and_manifest_says_so(merged):
+    result, _, project = merged
+    assert result.checkpoint == checkpoints.best(project.dir / "checkpoints").path
+    manifest = __import__("json").loads((result.merged_dir / "manifest.json").read_text())
+    assert manifest["base_model"]["license"].startswith("CC-BY-NC-SA-4.0")
+    assert manifest["merge_check"]["passed"] is True
+    assert manifest["lora_config"] == {"r": 8, "alpha": 16, "dropout": 0.01}
+    assert manifest["checkpoint"]["step"] in (4, 8) and len(manifest["data_sha256"]) == 64
+
+
+def test_rerun_skips_and_a_new_checkpoint_replaces_atomically(merged, cpu, tmp_path):
+    result, base, project = merged
+    root = result.merged_dir.parent
+    again = merge.run(merge.MergeSettings(output_root=root), base, cpu, project)
+    assert again.skipped
+    first_version = result.merged_dir.resolve()
+    other = merge.run(merge.MergeSettings(output_root=root, checkpoint_step=4 if "8" in result.checkpoint.name else 8), base, cpu, project)
+    assert not other.skipped and result.merged_dir.resolve() != first_version
+    assert not first_version.exists()  # the old version is cleaned up
+    assert [p.name for p in root.iterdir() if p.name.startswith(".voice-merged")] == [result.merged_dir.resolve().name]
+
+
+def test_interrupted_merge_leaves_the_old_model(merged, cpu, monkeypatch):
+    result, base, project = merged
+    root = result.merged_dir.parent
+    before = result.merged_dir.resolve()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge, "_export_adapter", killed)
+    with pytest.raises(KeyboardInterrupt):
+        merge.run(merge.MergeSettings(output_root=root, checkpoint_step=4 if "8" in result.checkpoint.name else 8), base, cpu, project)
+    assert result.merged_dir.resolve() == before
+    load_llm(open_model_dir(result.merged_dir), cpu)
+    assert [p.name for p in root.iterdir() if p.name.startswith(".voice-merged")] == [before.name]
+
+
+def test_failed_merge_check_is_an_error(trained, cpu, tmp_path, monkeypatch):
+    _, base, project = trained
+    real = merge.merged_weights
+
+    def noisy(model, dtype):
+        state = real(model, dtype)
+        state["layers.0.attention.wqkv.weight"] += 0.5
+        return state
+
+    monkeypatch.setattr(merge, "merged_weights", noisy)
+    with pytest.raises(PipelineError, match=r"merge check failed: merged logits differ .*the merged model was not installed"):
+        merge.run(merge.MergeSettings(output_root=tmp_path), base, cpu, project)
+    assert not (tmp_path / "voice-merged").exists()
+
+
+def test_missing_checkpoint_step(trained, cpu, tmp_path):
+    _, base, project = trained
+    with pytest.raises(PipelineError, match=r"no checkpoint for step 3 in .* \(steps there: 4, 8\)"):
+        merge.run(merge.MergeSettings(output_root=tmp_path, checkpoint_step=3), base, cpu, project)
+
+
+def test_synthesis_wav_length_matches_frames(merged, cpu, tmp_path):
+    result, _, _ = merged
+    model_dir = open_model_dir(result.merged_dir)
+    speech = Synthesizer(model_dir, cpu).speak("Hello there.", tmp_path / "out.wav", SynthesisSettings(max_new_frames=40))
+    info = sf.info(speech.path)
+    assert 0 < speech.frames <= 40
+    assert info.samplerate == model_dir.version.sample_rate and info.frames == speech.frames * 2048
+
+
+def run_tts(args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "cli_tts.py"), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_merged_dir_is_self_contained(merged, tmp_path):
+    result, base, _ = merged
+    alone = tmp_path / "alone"
+    shutil.copytree(result.merged_dir, alone / "model")
+    hidden_base = base.path.with_name("base_hidden")
+    base.path.rename(hidden_base)  # the base is gone while cli_tts runs
+    try:
+        done = run_tts(["Hello from the merged model.", "--model-path", "model", "-o", "out.wav", "--max-new-frames", "30", "--device", "cpu"], alone)
+    finally:
+        hidden_base.rename(base.path)
+    assert done.returncode == 0, done.stderr
+    assert "Wrote out.wav" in done.stdout and "realtime factor" in done.stdout
+    assert sf.info(alone / "out.wav").frames > 0
+
+
+def test_text_file_writes_one_wav_per_line(merged, tmp_path):
+    result, _, _ = merged
+    (tmp_path / "lines.txt").write_text("First line.\n\nSecond line.\nThird line.\n")
+    done = run_tts(["--text-file", "lines.txt", "--model-path", str(result.merged_dir), "--output-dir", "wavs",
+                    "--max-new-frames", "10", "--device", "cpu"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == ["line_0000.wav", "line_0002.wav", "line_0003.wav"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["Hello", "--model-path", "nowhere"], "error: model directory not found: nowhere"),
+        (["  ", "--model-path", "."], "error: no text to speak"),
+        (["Hello", "--model-path", ".", "--device", "tpu"], "error: unknown device 'tpu': use one of cuda, mps, cpu"),
+        (["--text-file", "missing.txt", "--model-path", "."], "error: text file not found: missing.txt"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, tmp_path):
+    done = run_tts(args, tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.strip().startswith(message)
