@@ -36,13 +36,18 @@ def test_check_model_bad_path_is_one_red_line(tmp_path):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_demo_summary(tmp_path):
-    result = CliRunner().invoke(demo.main, ["--workdir", str(tmp_path)])
+def test_demo_runs_the_pipeline_and_reruns_skip(tmp_path):
+    result = CliRunner().invoke(demo.main, ["--workdir", str(tmp_path), "--steps", "4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    for line in ["device         cpu", "precision      fp32", "model version  s1-mini", "LLM            ", "sample data"]:
+    for line in ["device         cpu", "precision      fp32", "model version  s1-mini", "extract        6 clips encoded",
+                 "pack           5 train / 1 validation", "train          step 4", "merge", "synthesis"]:
         assert line in result.output
     assert (tmp_path / "checkpoints" / "tiny-s1-mini" / "model.pth").is_file()
-    assert len(list((tmp_path / "training_data" / "sample").glob("*/*.lab"))) == 6
+    assert (tmp_path / "checkpoints" / "demo-merged" / "manifest.json").is_file()
+    assert (tmp_path / "output" / "demo.wav").is_file()
+    again = CliRunner().invoke(demo.main, ["--workdir", str(tmp_path), "--steps", "4", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert "0 clips encoded, 6 up to date" in again.output and "(up to date)" in again.output and "already trained" in again.output
 
 
 def test_extract_tokens_end_to_end_and_rerun(tiny_model_path, sample_dataset, tmp_path, monkeypatch):
@@ -63,4 +68,4 @@ def test_extract_tokens_end_to_end_and_rerun(tiny_model_path, sample_dataset, tm
 
 def test_extract_tokens_needs_project_and_data(tiny_model_path):
     result = CliRunner().invoke(load_script("finetune_tts").main, ["--extract-tokens", "--pretrained-ckpt-path", str(tiny_model_path)])
-    assert result.exit_code == 2 and "--extract-tokens needs --project and --data-dir" in result.output
+    assert result.exit_code == 2 and "this needs --project NAME" in result.output
