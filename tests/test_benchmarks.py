@@ -19,3 +19,11 @@ def test_train_throughput_smoke():
     result = CliRunner().invoke(train_throughput.main, ["--steps", "2", "--frames", "20", "--no-record", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "| fs-pipeline |" in result.output
+
+
+def test_merge_synthesis_smoke():
+    from benchmarks import merge_synthesis
+
+    result = CliRunner().invoke(merge_synthesis.main, ["--frames", "4", "--no-record", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "| merge peak resident memory |" in result.output and "| synthesis: realtime factor |" in result.output
