@@ -50,12 +50,14 @@ def main(llm_size, full_codec, frames, device, no_record):
         train.run(train.TrainSettings(max_steps=2, checkpoint_every=2, batch_size=2), model_dir, choice, project)
 
         started = time.perf_counter()
-        subprocess.run(
+        merged = subprocess.run(
             [sys.executable, str(REPO / "finetune_tts.py"), "--project", "bench", "--merge-weights", "--pretrained-ckpt-path",
              str(model_dir.path), "--device", choice.type],
-            cwd=work, check=True, capture_output=True,
+            cwd=work, capture_output=True, text=True,
         )
         merge_seconds = time.perf_counter() - started
+        if merged.returncode != 0:
+            raise click.ClickException(f"merge failed: {merged.stderr.strip()}")
         merge_peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
 
         synthesizer = Synthesizer(open_model_dir(work / "checkpoints" / "bench-merged"), choice)

@@ -3,7 +3,9 @@
 The same layers as fish-speech's `setup_lora` get adapters: the token, codebook and fast embeddings,
 every attention (wqkv, wo) and feed-forward (w1, w2, w3) projection of the slow and fast transformers,
 and the output heads. Unlike `setup_lora`, it works on configs with tied word embeddings (the S1-mini
-release has them): there the output head is the embedding matrix and gets no adapter of its own.
+release has them): there the token embedding matrix is also the output head, and it gets no adapter,
+because fish-speech's forward reads the bare matrix for the head, so merged weights would not compute
+what base+adapter computed (the merge check caught exactly that).
 Adapters never merge themselves in eval mode (loralib's default), so the frozen base weights stay
 bit-identical through training; merging is an explicit step (see merge).
 """
@@ -60,9 +62,9 @@ def _embedding(old: nn.Embedding, lora: LoraSettings) -> loralib.Embedding:
 
 def adapted_layers(model) -> list[tuple[nn.Module, str]]:
     """(parent module, attribute) of every layer that gets an adapter."""
-    layers = [(model, "embeddings"), (model, "codebook_embeddings"), (model, "fast_embeddings"), (model, "fast_output")]
-    if hasattr(model, "output"):
-        layers.append((model, "output"))
+    layers = [(model, "codebook_embeddings"), (model, "fast_embeddings"), (model, "fast_output")]
+    if not model.config.tie_word_embeddings:
+        layers += [(model, "embeddings"), (model, "output")]
     for block in [*model.layers, *model.fast_layers]:
         layers += [(block.attention, "wqkv"), (block.attention, "wo")]
         layers += [(block.feed_forward, name) for name in ("w1", "w2", "w3")]

@@ -171,3 +171,22 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path):
     done = run_tts(args, tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and done.stderr.strip().startswith(message)
+
+
+def test_tied_embeddings_merge_exactly(sample_dataset, tiny_model_path, cpu, tmp_path):
+    """With tied embeddings (as in the S1-mini release) the merged model still computes what base+LoRA did."""
+    import json
+
+    base_path = shutil.copytree(tiny_model_path, tmp_path / "tied")
+    config = json.loads((base_path / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (base_path / "config.json").write_text(json.dumps(config))
+    base = open_model_dir(base_path)
+    data = shutil.copytree(sample_dataset, tmp_path / "data")
+    project = Project("tied", root=tmp_path / "results")
+    manifest = Manifest(project.manifest_path)
+    extract.run(extract.ExtractSettings(data, num_workers=0), base, cpu, manifest)
+    pack.run(pack.PackSettings(data), base, project, manifest)
+    train.run(train.TrainSettings(max_steps=3, checkpoint_every=3, learning_rate=1e-2, warmup_steps=1), base, cpu, project)
+    result = merge.run(merge.MergeSettings(output_root=tmp_path / "checkpoints"), base, cpu, project)
+    assert result.max_logit_diff < 1e-3

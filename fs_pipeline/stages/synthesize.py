@@ -99,7 +99,8 @@ class Synthesizer:
         if budget < 1:
             raise PipelineError(f"the prompt takes {length} tokens, the model's limit is {model.config.max_seq_len}: use a shorter text or reference")
         generator = torch.Generator(device=device).manual_seed(settings.seed)
-        model.setup_caches(max_batch_size=1, max_seq_len=model.config.max_seq_len, dtype=next(model.parameters()).dtype)
+        with torch.device(device):  # the caches are created where this says
+            model.setup_caches(max_batch_size=1, max_seq_len=model.config.max_seq_len, dtype=next(model.parameters()).dtype)
         end_id = tokenizer.get_token_id("<|im_end|>")
         allowed = torch.full((model.config.vocab_size,), float("-inf"), device=device)
         allowed[tokenizer.semantic_begin_id : tokenizer.semantic_end_id + 1] = 0
