@@ -13,12 +13,15 @@ without it is a run that did not finish. Every write is atomic.
 """
 
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from loguru import logger
 
+from fs_pipeline import PipelineError
 from fs_pipeline.fileio import file_hash, write_json_atomic
 
 
@@ -71,12 +74,57 @@ class Manifest:
         entry = {k: v for k, v in self.entry(stage).items() if k != "completed_at"}
         entry.update(fields)
         self.data["stages"][stage] = entry
-        self._save()
+        self.save()
 
     def complete(self, stage: str, **fields) -> None:
         self.update(stage, **fields)
         self.data["stages"][stage]["completed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self._save()
+        self.save()
 
-    def _save(self) -> None:
+    def save(self) -> None:
         write_json_atomic(self.path, self.data)
+
+
+@contextmanager
+def run_lock(folder: Path, what: str):
+    """Hold `folder`/.lock while a run works there. A second live run gets a clear error; a lock left by a
+    process that no longer exists (killed, crashed) is taken over."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None and _alive(owner):
+                raise PipelineError(f"another {what} run (pid {owner}) is using {folder}: wait for it to finish or stop it, then rerun")
+            logger.warning(f"taking over the stale lock {lock} (its process {owner} is gone)")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    else:
+        raise PipelineError(f"cannot take the lock {lock}: delete it if no other run is using {folder}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_owner(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -69,3 +69,22 @@ def test_extract_tokens_end_to_end_and_rerun(tiny_model_path, sample_dataset, tm
 def test_extract_tokens_needs_project_and_data(tiny_model_path):
     result = CliRunner().invoke(load_script("finetune_tts").main, ["--extract-tokens", "--pretrained-ckpt-path", str(tiny_model_path)])
     assert result.exit_code == 2 and "this needs --project NAME" in result.output
+
+
+def test_prepare_dataset_cli_bad_url_and_rerun(tmp_path, monkeypatch):
+    import numpy as np
+    import soundfile as sf
+
+    monkeypatch.chdir(tmp_path)
+    rate = 22050
+    sf.write("take one.wav", (0.2 * np.sin(np.arange(3 * rate) / 10)).astype(np.float32), rate)
+    (tmp_path / "take one.lab").write_text("hello there")
+    script = load_script("prepare_dataset").main
+    args = ["--input", "take one.wav", "--output", "training_data/x", "--speaker", "me", "--device", "cpu"]
+    first = CliRunner().invoke(script, args)
+    assert first.exit_code == 0, first.output
+    assert "Prepared 1 clips in training_data/x" in first.output
+    again = CliRunner().invoke(script, args)
+    assert "Nothing to do: 1 clips in training_data/x are up to date" in again.output
+    bad = CliRunner().invoke(script, ["--input", "http://127.0.0.1:9/a.wav", "--output", "training_data/y", "--speaker", "me"])
+    assert bad.exit_code == 1 and bad.output.strip().startswith("error: download failed")

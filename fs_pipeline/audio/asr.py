@@ -1,0 +1,64 @@
+"""Speech recognition backends: faster-whisper (CTranslate2) and openai-whisper.
+
+--whisper-model takes a size name (tiny, base, small, medium, large...) or a local path: a CTranslate2
+model folder for faster-whisper, a .pt checkpoint for openai-whisper. Size names are fetched by the
+backend on first use; a local path works offline.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+from fs_pipeline import PipelineError
+from fs_pipeline.device import DeviceChoice
+
+ASR_RATE = 16000
+SIZES = ("tiny", "tiny.en", "base", "base.en", "small", "small.en", "medium", "medium.en", "large", "large-v1", "large-v2",
+         "large-v3", "turbo", "large-v3-turbo")
+BACKENDS = ("auto", "faster-whisper", "openai-whisper")
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise PipelineError(f"unknown --asr-backend '{backend}': use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "faster-whisper" if importlib.util.find_spec("faster_whisper") else "openai-whisper"
+    return backend
+
+
+class Transcriber:
+    def __init__(self, backend: str, model: str, choice: DeviceChoice, language: str | None = None):
+        self.backend = resolve_backend(backend)
+        self.language = None if language in (None, "auto") else language
+        if model not in SIZES and not Path(model).exists():
+            raise PipelineError(f"unknown Whisper model '{model}': use a size ({', '.join(SIZES[:6])}, ...) or the path of a local model")
+        on_gpu = choice.type == "cuda"
+        try:
+            if self.backend == "faster-whisper":
+                from faster_whisper import WhisperModel
+
+                self.model = WhisperModel(model, device="cuda" if on_gpu else "cpu", compute_type="float16" if on_gpu else "int8")
+            else:
+                import whisper
+
+                self.model = whisper.load_model(model, device="cuda" if on_gpu else "cpu")
+        except PipelineError:
+            raise
+        except Exception as e:  # hub downloads and model files fail in many ways
+            raise PipelineError(
+                f"cannot load Whisper model '{model}' with {self.backend} ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
+                "check the name, or pass a local model path with --whisper-model"
+            ) from e
+        self.fp16 = on_gpu
+
+    def transcribe(self, audio: np.ndarray, sample_rate: int) -> str:
+        audio16 = np.ascontiguousarray(soxr.resample(audio, sample_rate, ASR_RATE) if sample_rate != ASR_RATE else audio, dtype=np.float32)
+        if self.backend == "faster-whisper":
+            segments, _ = self.model.transcribe(audio16, language=self.language, beam_size=1, vad_filter=False)
+            text = " ".join(segment.text.strip() for segment in segments)
+        else:
+            result = self.model.transcribe(audio16, language=self.language, fp16=self.fp16, temperature=0.0)
+            text = result["text"]
+        return " ".join(text.split())
