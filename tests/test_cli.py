@@ -9,7 +9,7 @@ from tests.conftest import load_script
     "script, words",
     [
         ("finetune_tts", ["--pretrained-ckpt-path", "--model-version", "--device", "--force-mps"]),
-        ("prepare_dataset", ["training_data/NAME/SPEAKER"]),
+        ("prepare_dataset", ["OUTPUT/SPEAKER/*.wav", "--split-long", "--auto-transcribe", "--max-duration"]),
         ("cli_tts", ["checkpoints/PROJECT-merged"]),
     ],
 )

@@ -6,6 +6,15 @@ from pathlib import Path
 from fs_pipeline import PipelineError
 
 
+class _Silent:
+    """yt-dlp prints errors itself even when quiet; ours is the one line the user sees."""
+
+    def debug(self, message):
+        pass
+
+    info = warning = error = debug
+
+
 def download(urls: list[str], folder: Path, max_seconds: float | None = None) -> list[Path]:
     """Download the audio of `urls` into `folder`; returns every media file there (earlier downloads too)."""
     import yt_dlp
@@ -20,6 +29,7 @@ def download(urls: list[str], folder: Path, max_seconds: float | None = None) ->
         "fragment_retries": 3,
         "socket_timeout": 20,
         "quiet": True,
+        "logger": _Silent(),
         "no_warnings": True,
         "noprogress": False,
         "ignoreerrors": False,
@@ -32,6 +42,6 @@ def download(urls: list[str], folder: Path, max_seconds: float | None = None) ->
         with yt_dlp.YoutubeDL(options) as ydl:
             ydl.download(urls)
     except DownloadError as e:
-        message = str(e).replace("ERROR: ", "").splitlines()[0]
+        message = str(e).replace("ERROR: ", "").splitlines()[0].split(" (caused by")[0]
         raise PipelineError(f"download failed ({message[:200]}): check the URL and your network, then rerun") from e
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix not in (".txt", ".part", ".ytdl") and not p.name.startswith("."))
