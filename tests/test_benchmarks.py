@@ -27,3 +27,11 @@ def test_merge_synthesis_smoke():
     result = CliRunner().invoke(merge_synthesis.main, ["--frames", "4", "--no-record", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "| merge peak resident memory |" in result.output and "| synthesis: realtime factor |" in result.output
+
+
+def test_prep_throughput_smoke():
+    from benchmarks import prep_throughput
+
+    result = CliRunner().invoke(prep_throughput.main, ["--minutes", "0.1", "--no-record", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "| faster-whisper | real tiny.en |" in result.output and "| openai-whisper |" in result.output

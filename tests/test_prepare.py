@@ -15,7 +15,8 @@ from fs_pipeline.audio import segmentation
 from fs_pipeline.audio.asr import Transcriber
 from fs_pipeline.audio.io import read_wav
 from fs_pipeline.stages import prepare
-from tests.speech import SENTENCES, speak_long, word_error_rate
+from fs_pipeline.audio.asr import word_error_rate
+from fs_pipeline.speech import SENTENCES, speak_long
 
 
 @pytest.fixture(scope="session")

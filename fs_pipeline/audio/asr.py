@@ -62,3 +62,15 @@ class Transcriber:
             result = self.model.transcribe(audio16, language=self.language, fp16=self.fp16, temperature=0.0)
             text = result["text"]
         return " ".join(text.split())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level edit distance over the reference length, ignoring case and punctuation."""
+    ref = [w.strip(".,!?;:").lower() for w in reference.split()]
+    hyp = [w.strip(".,!?;:").lower() for w in hypothesis.split()]
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / max(1, len(ref))

@@ -1,6 +1,5 @@
-"""Speech with known text for tests: espeak-ng sentences joined with pauses of known length."""
+"""Speech with known text, for tests and benchmarks: espeak-ng sentences joined with pauses of known length."""
 
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +8,7 @@ import numpy as np
 import soundfile as sf
 
 from fs_pipeline.audio.io import read_wav
+from fs_pipeline.sample import speak
 
 SENTENCES = [
     "The sun rose slowly over the quiet hills.",
@@ -33,7 +33,7 @@ def speak_long(path: Path, sentences=SENTENCES, pause: float = 0.8, rate: int = 
     with tempfile.TemporaryDirectory() as tmp:
         for i, text in enumerate(sentences):
             raw = Path(tmp) / f"{i}.wav"
-            subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(raw), text], check=True)
+            speak(text, raw)
             audio = read_wav(raw, rate)
             loud = np.flatnonzero(np.abs(audio) > 1e-3)
             audio = audio[loud[0] : loud[-1] + 1]  # the sentence's sound, without espeak's own silence
@@ -42,14 +42,3 @@ def speak_long(path: Path, sentences=SENTENCES, pause: float = 0.8, rate: int = 
             t += len(audio) / rate + pause
     sf.write(path, np.concatenate(pieces), rate, subtype="PCM_16")
     return Spoken(path, spans, list(sentences))
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    ref = [w.strip(".,!?;:").lower() for w in reference.split()]
-    hyp = [w.strip(".,!?;:").lower() for w in hypothesis.split()]
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(1, len(ref))
