@@ -6,7 +6,8 @@ from pathlib import Path
 import click
 
 from fs_pipeline import PipelineError, checkpoints
-from fs_pipeline.cli import device_options, model_summary, setup_logging, user_errors
+from fs_pipeline import pipeline
+from fs_pipeline.cli import device_options, model_summary, prepare_options, prepare_settings, setup_logging, user_errors
 from fs_pipeline.device import select_device
 from fs_pipeline.lora import LORA_CONFIG_NAMES
 from fs_pipeline.manifest import Manifest
@@ -58,6 +59,17 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
               help="Fold a checkpoint's adapters into the base: checkpoints/PROJECT-merged/ (self-contained) and checkpoints/PROJECT-lora/.")
 @click.option("--checkpoint-step", type=int, help="Merge the checkpoint of this step [default: best validation loss, else latest].")
 @click.option("--checkpoint", "merge_checkpoint", type=click.Path(path_type=Path), help="Merge this checkpoint file.")
+# the whole pipeline
+@click.option("--full-pipeline", is_flag=True,
+              help="prepare (if --data-dir holds raw audio) -> extract -> pack -> train -> merge -> test clip, each only when needed.")
+@click.option("--prepare-data", is_flag=True, help="Prepare --data-dir (raw recordings) into training_data/PROJECT; alone, only that.")
+@click.option("--speaker", default=None, help="Speaker name for prepared raw audio [default: the project name].")
+@prepare_options
+@click.option("--from-stage", type=click.Choice(pipeline.STAGES), default="prepare", show_default=True, help="First stage to run.")
+@click.option("--to-stage", type=click.Choice(pipeline.STAGES), default="synthesize", show_default=True, help="Last stage to run.")
+@click.option("--force-stage", type=click.Choice(pipeline.STAGES), help="Redo this stage and those after it, even if up to date.")
+@click.option("--status", is_flag=True, help="Show which stages are done, stale or missing.")
+@click.option("--report", is_flag=True, help="With --status: (re)write results/PROJECT/report.md.")
 @device_options
 @user_errors
 def main(**flags) -> None:
@@ -74,23 +86,33 @@ def main(**flags) -> None:
       python finetune_tts.py --project P --data-dir training_data/NAME --train --resume-latest
     Merge the best checkpoint into a self-contained model (checkpoints/P-merged):
       python finetune_tts.py --project P --merge-weights
+    Everything at once (raw recordings are prepared first), and what is done:
+      python finetune_tts.py --project P --data-dir recordings/ --full-pipeline --split-long --auto-transcribe
+      python finetune_tts.py --project P --status
     """
     setup_logging()
-    actions = [flags["check_model"], flags["extract_tokens"], flags["do_train"], flags["list_checkpoints"], flags["merge_weights"]]
+    actions = [flags[a] for a in ("check_model", "extract_tokens", "do_train", "list_checkpoints", "merge_weights", "full_pipeline",
+                                  "prepare_data", "status")]
     if not any(actions):
-        raise click.UsageError("nothing to do: pass --check-model, --extract-tokens, --train, --list-checkpoints or --merge-weights (see --help)")
+        raise click.UsageError("nothing to do: pass --full-pipeline, or one stage (--extract-tokens, --train, --merge-weights ...) or --status")
     if flags["resume_latest"] and flags["resume_from_checkpoint"]:
         raise PipelineError("--resume-latest and --resume-from-checkpoint both given: pass one of them")
 
-    if flags["list_checkpoints"]:
-        click.echo(format_checkpoints(project_of(flags)))
-        if not (flags["check_model"] or flags["extract_tokens"] or flags["do_train"] or flags["merge_weights"]):
+    if flags["list_checkpoints"] or flags["status"]:
+        if flags["list_checkpoints"]:
+            click.echo(format_checkpoints(project_of(flags)))
+        if flags["status"]:
+            show_status(project_of(flags), flags["report"])
+        if not any(flags[a] for a in ("check_model", "extract_tokens", "do_train", "merge_weights", "full_pipeline", "prepare_data")):
             return
 
     choice = select_device(flags["device"], flags["force_mps"])
     model_dir = open_model_dir(flags["pretrained_ckpt_path"], flags["model_version"])
     if flags["check_model"]:
         click.echo(model_summary(model_dir, load_llm(model_dir, choice), load_codec(model_dir, choice), choice))
+    if flags["full_pipeline"] or flags["prepare_data"]:
+        run_pipeline(project_of(flags), data_dir_of(flags), model_dir, choice, flags)
+        return
     if flags["extract_tokens"] or flags["do_train"]:
         project, data_dir = project_of(flags), data_dir_of(flags)
         click.echo(f"Device: {choice.describe()}")
@@ -113,16 +135,79 @@ def data_dir_of(flags) -> Path:
     return flags["data_dir"]
 
 
+def extract_settings(flags, data_dir: Path) -> extract.ExtractSettings:
+    return extract.ExtractSettings(data_dir, flags["batch_size_extract"], flags["num_workers_extract"])
+
+
+def pack_settings(flags, data_dir: Path) -> pack.PackSettings:
+    return pack.PackSettings(data_dir, flags["val_fraction"], flags["split_seed"])
+
+
+def train_settings(flags, resume_from=None, warm_start=None) -> train.TrainSettings:
+    return train.TrainSettings(
+        max_steps=flags["max_steps"], batch_size=flags["batch_size"], learning_rate=flags["learning_rate"],
+        gradient_accumulation_steps=flags["gradient_accumulation_steps"], lora_config=flags["lora_config"],
+        warmup_steps=flags["warmup_steps"], lr_schedule=flags["lr_schedule"], gradient_checkpointing=flags["gradient_checkpointing"],
+        max_length=flags["max_length"], checkpoint_every=flags["checkpoint_every"], val_every=flags["val_every"],
+        keep_checkpoints=flags["keep_checkpoints"], seed=flags["seed"], resume_from=resume_from, warm_start_from=warm_start,
+    )
+
+
+def merge_settings(flags) -> merge.MergeSettings:
+    return merge.MergeSettings(checkpoint=flags["merge_checkpoint"], checkpoint_step=flags["checkpoint_step"])
+
+
+def run_pipeline(project: Project, data_dir: Path, model_dir, choice, flags) -> None:
+    prepare_stage = None
+    dataset = data_dir
+    if flags["prepare_data"] or not pipeline.is_prepared(data_dir):
+        dataset = Path("training_data") / project.name
+        speaker = flags["speaker"] or project.name
+        prepare_stage = prepare_settings(flags, (str(data_dir),), dataset, speaker, model_dir.version.sample_rate)
+    to_stage = "prepare" if flags["prepare_data"] and not flags["full_pipeline"] else flags["to_stage"]
+    settings = pipeline.PipelineSettings(
+        data_dir=dataset, prepare=prepare_stage, extract=extract_settings(flags, dataset), pack=pack_settings(flags, dataset),
+        train=train_settings(flags), merge=merge_settings(flags), from_stage=flags["from_stage"], to_stage=to_stage,
+        force_stage=flags["force_stage"],
+    )
+    click.echo(f"Device: {choice.describe()}")
+    result = pipeline.run(settings, model_dir, choice, project)
+    if result.interrupted:
+        click.secho(f"Stopped by {result.interrupted} in training at step {result.train_step}; rerun the same command to continue.", fg="yellow")
+        sys.exit(EXIT_CODES[result.interrupted])
+    click.echo(f"Ran: {', '.join(result.ran) or 'nothing (all up to date)'}; up to date: {', '.join(result.skipped) or '-'}")
+    if result.merged_dir:
+        click.echo(f"Merged model: {result.merged_dir}")
+    if result.test_clip:
+        click.echo(f"Test clip: {result.test_clip}")
+    if result.report:
+        click.echo(f"Report: {result.report}")
+
+
+def show_status(project: Project, write: bool) -> None:
+    rows = pipeline.status(project)
+    click.echo(f"Project {project.name} ({project.dir}):")
+    click.echo(f"  {'stage':<11} {'state':<36} {'completed':<26} seconds")
+    for row in rows:
+        seconds = f"{row['seconds']:.1f}" if row["seconds"] is not None else "-"
+        click.echo(f"  {row['stage']:<11} {row['state']:<36} {row['completed_at']:<26} {seconds}")
+    if write:
+        from fs_pipeline.report import write_report
+
+        merged = merge.merged_path(project)
+        report = write_report(project, project.manifest_path, merged if merged.exists() else None, project.dir / "test_clip.wav")
+        click.echo(f"Report: {report}")
+
+
 def run_extract_and_pack(project: Project, data_dir: Path, model_dir, choice, flags) -> None:
     manifest = Manifest(project.manifest_path)
-    settings = extract.ExtractSettings(data_dir, flags["batch_size_extract"], flags["num_workers_extract"])
-    done = extract.run(settings, model_dir, choice, manifest)
+    done = extract.run(extract_settings(flags, data_dir), model_dir, choice, manifest)
     if done.extracted:
         rate = done.audio_seconds / done.seconds if done.seconds else 0.0
         click.echo(f"Extracted {done.extracted} clips ({done.audio_seconds:.0f} s of audio, {rate:.1f} audio-s/s); {done.skipped} were up to date")
     else:
         click.echo(f"Extract: all {done.skipped} clips up to date, nothing to do")
-    packed = pack.run(pack.PackSettings(data_dir, flags["val_fraction"], flags["split_seed"]), model_dir, project, manifest)
+    packed = pack.run(pack_settings(flags, data_dir), model_dir, project, manifest)
     state = "up to date" if packed.skipped else "written"
     click.echo(f"Packed data {state}: {packed.train_utterances} train / {packed.val_utterances} validation utterances in {project.data_dir}")
     for warning in packed.warnings:
@@ -139,13 +224,7 @@ def run_train(project: Project, data_dir: Path, model_dir, choice, flags) -> Non
             raise PipelineError(f"--resume-latest: no checkpoint in {ckpt_dir} yet: train without it first")
         resume_from = found.path
     warm_start = checkpoints.resolve(flags["checkpoint_path"]) if flags["checkpoint_path"] else None
-    settings = train.TrainSettings(
-        max_steps=flags["max_steps"], batch_size=flags["batch_size"], learning_rate=flags["learning_rate"],
-        gradient_accumulation_steps=flags["gradient_accumulation_steps"], lora_config=flags["lora_config"],
-        warmup_steps=flags["warmup_steps"], lr_schedule=flags["lr_schedule"], gradient_checkpointing=flags["gradient_checkpointing"],
-        max_length=flags["max_length"], checkpoint_every=flags["checkpoint_every"], val_every=flags["val_every"],
-        keep_checkpoints=flags["keep_checkpoints"], seed=flags["seed"], resume_from=resume_from, warm_start_from=warm_start,
-    )
+    settings = train_settings(flags, resume_from, warm_start)
     result = train.run(settings, model_dir, choice, project)
     if result.interrupted:
         click.secho(
@@ -161,8 +240,7 @@ def run_train(project: Project, data_dir: Path, model_dir, choice, flags) -> Non
 
 
 def run_merge(project: Project, model_dir, choice, flags) -> None:
-    settings = merge.MergeSettings(checkpoint=flags["merge_checkpoint"], checkpoint_step=flags["checkpoint_step"])
-    result = merge.run(settings, model_dir, choice, project)
+    result = merge.run(merge_settings(flags), model_dir, choice, project)
     if result.skipped:
         click.echo(f"Merged model up to date: {result.merged_dir} (from {result.checkpoint.name})")
     else:

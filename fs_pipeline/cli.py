@@ -51,3 +51,40 @@ def model_summary(model_dir, llm, codec, choice) -> str:
             f"  codec          {count_parameters(codec):,} parameters, {model_dir.version.sample_rate} Hz",
         ]
     )
+
+
+PREPARE_OPTIONS = [
+    click.option("--youtube", is_flag=True, help="Treat every input as a URL for yt-dlp (URLs are recognised anyway)."),
+    click.option("--normalize", is_flag=True, help="Normalise loudness (ITU-R BS.1770) to --target-lufs, without clipping."),
+    click.option("--target-lufs", default=-23.0, show_default=True),
+    click.option("--split-long", is_flag=True, help="Cut recordings into clips at pauses found by voice activity detection."),
+    click.option("--segment-duration", default=10.0, show_default=True, help="Target clip length in seconds when splitting."),
+    click.option("--min-clip-duration", default=2.0, show_default=True, help="Shortest clip kept, in seconds."),
+    click.option("--max-clip-duration", default=30.0, show_default=True, help="Longest clip, in seconds; longer files need --split-long."),
+    click.option("--max-duration", type=float, default=None, help="Use only the first N minutes of each source (decimals fine)."),
+    click.option("--auto-transcribe", is_flag=True, help="Transcribe each clip with Whisper (an existing .lab is kept)."),
+    click.option("--whisper-model", default="base", show_default=True, help="Whisper size (tiny, base, small, medium, large...) or a local model path."),
+    click.option("--asr-backend", type=click.Choice(["auto", "faster-whisper", "openai-whisper"]), default="auto", show_default=True,
+                 help="auto: faster-whisper when installed, else openai-whisper."),
+    click.option("--language", default="auto", show_default=True, help="Spoken language code (en, de, ...) or auto-detect."),
+    click.option("--retranscribe", is_flag=True, help="Transcribe again even where a .lab exists."),
+]
+
+
+def prepare_options(fn):
+    """The prepare stage's flags, shared by prepare_dataset.py and finetune_tts.py (one source of truth)."""
+    for option in reversed(PREPARE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def prepare_settings(flags: dict, inputs: tuple[str, ...], output, speaker: str, sample_rate: int):
+    from fs_pipeline.stages.prepare import PrepareSettings
+
+    return PrepareSettings(
+        inputs=inputs, output=output, speaker=speaker, youtube=flags["youtube"], normalize=flags["normalize"],
+        target_lufs=flags["target_lufs"], split_long=flags["split_long"], segment_duration=flags["segment_duration"],
+        min_clip_duration=flags["min_clip_duration"], max_clip_duration=flags["max_clip_duration"],
+        max_duration_minutes=flags["max_duration"], auto_transcribe=flags["auto_transcribe"], whisper_model=flags["whisper_model"],
+        asr_backend=flags["asr_backend"], language=flags["language"], retranscribe=flags["retranscribe"], sample_rate=sample_rate,
+    )

@@ -48,8 +48,12 @@ class Manifest:
         entry = self.entry(stage)
         if "completed_at" not in entry or entry.get("settings") != settings or entry.get("inputs") != inputs:
             return False
-        for name, digest in entry.get("outputs", {}).items():
-            output = Path(base) / name
+        return self.outputs_intact(stage, base)
+
+    def outputs_intact(self, stage: str, base: Path) -> bool:
+        """Every output the stage recorded still exists with its recorded hash."""
+        for name, digest in self.entry(stage).get("outputs", {}).items():
+            output = Path(base) / name  # absolute names stay absolute
             if not output.is_file() or self.hash(output) != digest:
                 return False
         return True
@@ -67,7 +71,13 @@ class Manifest:
         return digest
 
     def hash_outputs(self, base: Path, files: list[Path]) -> dict[str, str]:
-        return {Path(f).relative_to(base).as_posix(): self.hash(f) for f in files}
+        """Output name -> hash; names are relative to `base` for files inside it, absolute otherwise."""
+        names = {}
+        for f in files:
+            f = Path(f)
+            name = f.relative_to(base).as_posix() if f.is_relative_to(base) else str(f.resolve())
+            names[name] = self.hash(f)
+        return names
 
     def update(self, stage: str, **fields) -> None:
         """Record progress of a stage that has not finished: its entry loses any completion mark."""

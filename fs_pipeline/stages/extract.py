@@ -86,7 +86,9 @@ def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, ma
                 manifest.update(STAGE, codec=codec_id, clips=records)
                 bar.update(sum(durations[todo[i].key] for i in indices))
 
-    manifest.complete(STAGE, settings=settings_record(settings), codec=codec_id, clips=records)
+    entry = manifest.entry(STAGE)
+    if todo or records != entry.get("clips") or "completed_at" not in entry:  # a rerun with nothing to do keeps its time
+        manifest.complete(STAGE, settings=settings_record(settings), codec=codec_id, clips=records)
     return ExtractResult(len(todo), len(clips) - len(todo), audio_seconds, time.perf_counter() - started)
 
 
