@@ -1,5 +1,6 @@
 """What the three top-level scripts share: logging set-up and turning PipelineError into one red line."""
 
+import errno
 import functools
 import sys
 
@@ -25,8 +26,14 @@ def user_errors(fn):
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.secho("interrupted", fg="yellow", err=True)
+            click.secho("interrupted: nothing half-written is kept; rerun the same command to continue", fg="yellow", err=True)
             sys.exit(130)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            click.secho(f"error: no space left on the device while writing {e.filename or 'a file'}: free some space and rerun "
+                        "(finished work is kept)", fg="red", err=True)
+            sys.exit(1)
 
     return wrapper
 

@@ -39,15 +39,16 @@ def test_check_model_bad_path_is_one_red_line(tmp_path):
 def test_demo_runs_the_pipeline_and_reruns_skip(tmp_path):
     result = CliRunner().invoke(demo.main, ["--workdir", str(tmp_path), "--steps", "4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    for line in ["device         cpu", "precision      fp32", "model version  s1-mini", "extract        6 clips encoded",
-                 "pack           5 train / 1 validation", "train          step 4", "merge", "synthesis"]:
+    for line in ["device         cpu", "precision      fp32", "model version  s1-mini",
+                 "stages run     extract, pack, train, merge, synthesize", "training       step 4", "report"]:
         assert line in result.output
     assert (tmp_path / "checkpoints" / "tiny-s1-mini" / "model.pth").is_file()
     assert (tmp_path / "checkpoints" / "demo-merged" / "manifest.json").is_file()
-    assert (tmp_path / "output" / "demo.wav").is_file()
+    assert (tmp_path / "results" / "demo" / "test_clip.wav").is_file()
+    assert (tmp_path / "results" / "demo" / "report.md").is_file()
     again = CliRunner().invoke(demo.main, ["--workdir", str(tmp_path), "--steps", "4", "--device", "cpu"])
     assert again.exit_code == 0, again.output
-    assert "0 clips encoded, 6 up to date" in again.output and "(up to date)" in again.output and "already trained" in again.output
+    assert "stages run     none (all up to date)" in again.output
 
 
 def test_extract_tokens_end_to_end_and_rerun(tiny_model_path, sample_dataset, tmp_path, monkeypatch):
