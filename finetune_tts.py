@@ -53,12 +53,17 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--resume-from-checkpoint", type=click.Path(path_type=Path), help="Continue exactly from this checkpoint file.")
 @click.option("--checkpoint-path", type=click.Path(path_type=Path),
               help="Warm start: take the adapters of this checkpoint (or the latest in this folder), with a fresh optimizer at step 0.")
-@click.option("--list-checkpoints", is_flag=True, help="List the project's checkpoints with their step, size and validation loss.")
+@click.option("--test-clips", is_flag=True,
+              help="At each checkpoint, speak three fixed sentences, keep the clips, and store their WER (ASR by Whisper).")
+@click.option("--test-clips-whisper-model", default="base", show_default=True, help="Whisper size or local path that scores the test clips.")
+@click.option("--list-checkpoints", is_flag=True, help="List the project's checkpoints with their step, size, validation loss and WER.")
 # merge
 @click.option("--merge-weights", is_flag=True,
               help="Fold a checkpoint's adapters into the base: checkpoints/PROJECT-merged/ (self-contained) and checkpoints/PROJECT-lora/.")
 @click.option("--checkpoint-step", type=int, help="Merge the checkpoint of this step [default: best validation loss, else latest].")
 @click.option("--checkpoint", "merge_checkpoint", type=click.Path(path_type=Path), help="Merge this checkpoint file.")
+@click.option("--best-by", type=click.Choice(["val_loss", "wer"]), default="val_loss", show_default=True,
+              help="What 'best checkpoint' means for merging: validation loss, or test-clip WER (needs --test-clips).")
 # the whole pipeline
 @click.option("--full-pipeline", is_flag=True,
               help="prepare (if --data-dir holds raw audio) -> extract -> pack -> train -> merge -> test clip, each only when needed.")
@@ -150,11 +155,12 @@ def train_settings(flags, resume_from=None, warm_start=None) -> train.TrainSetti
         warmup_steps=flags["warmup_steps"], lr_schedule=flags["lr_schedule"], gradient_checkpointing=flags["gradient_checkpointing"],
         max_length=flags["max_length"], checkpoint_every=flags["checkpoint_every"], val_every=flags["val_every"],
         keep_checkpoints=flags["keep_checkpoints"], seed=flags["seed"], resume_from=resume_from, warm_start_from=warm_start,
+        test_clips=flags["test_clips"], test_clips_whisper_model=flags["test_clips_whisper_model"],
     )
 
 
 def merge_settings(flags) -> merge.MergeSettings:
-    return merge.MergeSettings(checkpoint=flags["merge_checkpoint"], checkpoint_step=flags["checkpoint_step"])
+    return merge.MergeSettings(checkpoint=flags["merge_checkpoint"], checkpoint_step=flags["checkpoint_step"], best_by=flags["best_by"])
 
 
 def run_pipeline(project: Project, data_dir: Path, model_dir, choice, flags) -> None:
@@ -260,11 +266,14 @@ def format_checkpoints(project: Project) -> str:
         lines.append(f"Checkpoints in {folder}:")
         for info in infos:
             val = f"{info.val_loss:.4f}" if info.val_loss is not None else "-"
-            lines.append(f"  {info.path.name}  {info.size_mb:8.1f} MB  {info.created_at}  step {info.step:>7}  val_loss {val}")
+            wer = f"  wer {info.wer:.3f}" if info.wer is not None else ""
+            lines.append(f"  {info.path.name}  {info.size_mb:8.1f} MB  {info.created_at}  step {info.step:>7}  val_loss {val}{wer}")
         newest = infos[-1]
         lines.append(f"Latest: {newest.path.name} (step {newest.step})")
         top = checkpoints.best(folder)
         lines.append(f"Best:   {top.path.name} (val_loss {top.val_loss:.4f})" if top else "Best:   - (no validation loss recorded)")
+        if (top_wer := checkpoints.best(folder, "wer")) is not None:
+            lines.append(f"Best by WER: {top_wer.path.name} (wer {top_wer.wer:.3f})")
     lines += [f"Unreadable (damaged or not ours): {path.name}" for path in damaged]
     return "\n".join(lines)
 

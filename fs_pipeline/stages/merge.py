@@ -1,6 +1,7 @@
 """Merge: fold a checkpoint's LoRA adapters into the base weights -> a self-contained model directory.
 
-Reads   the base model dir, results/<project>/checkpoints/step_*.ckpt (default: best validation loss, else latest)
+Reads   the base model dir, results/<project>/checkpoints/step_*.ckpt (default: best validation loss, or best
+        test-clip WER with best_by="wer", else the latest)
 Writes  checkpoints/<project>-merged/  model.pth, config.json, tokenizer.tiktoken, special_tokens.json,
         codec.pth (+ codec_config.yaml when the base has one), manifest.json
         checkpoints/<project>-lora/    adapter.safetensors + adapter_config.json (the adapters alone)
@@ -43,6 +44,7 @@ class MergeSettings:
     checkpoint: Path | None = None  # default: best by validation loss, else latest
     checkpoint_step: int | None = None
     output_root: Path = MODELS_ROOT
+    best_by: str = "val_loss"  # or "wer", when training scored test clips
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def choose_checkpoint(project: Project, settings: MergeSettings) -> Path:
             steps = ", ".join(str(i.step) for i in checkpoints.list_checkpoints(folder)) or "none"
             raise PipelineError(f"no checkpoint for step {settings.checkpoint_step} in {folder} (steps there: {steps})")
         return path
-    chosen = checkpoints.best(folder) or checkpoints.latest(folder)
+    chosen = checkpoints.best(folder, settings.best_by) or checkpoints.latest(folder)
     if chosen is None:
         raise PipelineError(f"no checkpoint in {folder}: train first with --train")
     return chosen.path

@@ -47,9 +47,13 @@ class Synthesis:
 class Synthesizer:
     """A loaded model and codec, ready to speak any number of texts."""
 
-    def __init__(self, model_dir: ModelDir, choice: DeviceChoice, lora: Path | None = None):
+    def __init__(self, model_dir: ModelDir, choice: DeviceChoice, lora: Path | None = None, model=None):
+        """Loads the model of `model_dir` (plus `lora` adapters), or speaks with `model`, one already in
+        memory (training uses this for its test clips)."""
         self.model_dir, self.choice = model_dir, choice
-        if lora is None:
+        if model is not None:
+            self.model = model
+        elif lora is None:
             self.model = load_llm(model_dir, choice)
         else:
             from fs_pipeline.stages.merge import load_adapter
@@ -72,6 +76,12 @@ class Synthesizer:
         with torch.inference_mode():
             codes, frames = self.codec.encode(wav[None, None])
         self.reference = [(text.strip(), codes[0, :, : frames[0]].cpu())]
+
+    def release_caches(self) -> None:
+        """Drop the KV caches, so the model can run its training forward again."""
+        for layer in [*self.model.layers, *self.model.fast_layers]:
+            layer.attention.kv_cache = None
+        self.model.max_seq_len = self.model.max_batch_size = -1
 
     def speak(self, text: str, output: Path, settings: SynthesisSettings) -> Synthesis:
         if not text.strip():

@@ -53,6 +53,8 @@ class TrainSettings:
     seed: int = 0
     resume_from: Path | None = None  # a checkpoint to continue exactly
     warm_start_from: Path | None = None  # a checkpoint whose adapters start a fresh run
+    test_clips: bool = False  # speak TEST_SENTENCES at each checkpoint and score them with ASR (WER)
+    test_clips_whisper_model: str = "base"
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,11 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     elif settings.warm_start_from:
         logger.info(f"warm start: adapters from {resume}, fresh optimizer, step 0")
 
+    scorer = _TestClips(settings, model_dir, choice) if settings.test_clips else None
+
     def save(metrics: dict) -> Path:
+        if scorer is not None:
+            metrics["wer"] = scorer.score(model, ckpt_dir / f"{checkpoints.checkpoint_name(step).removesuffix('.ckpt')}_clips")
         path = checkpoints.save(
             ckpt_dir,
             {
@@ -276,6 +282,45 @@ def _device_memory(choice: DeviceChoice) -> int | None:
     if choice.type == "cuda":
         return torch.cuda.get_device_properties(choice.device).total_memory
     return None
+
+
+TEST_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call me back when you get this message.",
+    "It is going to rain in the afternoon.",
+)
+
+
+class _TestClips:
+    """Speaks TEST_SENTENCES with the model being trained, keeps the clips, and scores them by WER."""
+
+    def __init__(self, settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice):
+        from fs_pipeline.audio.asr import Transcriber
+
+        self.model_dir, self.choice = model_dir, choice
+        self.transcriber = Transcriber("auto", settings.test_clips_whisper_model, choice)
+        self.synthesizer = None
+
+    def score(self, model, folder: Path) -> float:
+        from fs_pipeline.audio.asr import word_error_rate
+        from fs_pipeline.audio.io import read_wav
+        from fs_pipeline.stages.synthesize import SynthesisSettings, Synthesizer
+
+        model.eval()
+        if self.synthesizer is None:
+            self.synthesizer = Synthesizer(self.model_dir, self.choice, model=model)
+        synthesizer = self.synthesizer
+        rate = self.model_dir.version.sample_rate
+        errors = []
+        try:
+            for index, sentence in enumerate(TEST_SENTENCES):
+                clip = synthesizer.speak(sentence, folder / f"sentence_{index}.wav", SynthesisSettings(max_new_frames=400))
+                heard = self.transcriber.transcribe(read_wav(clip.path, rate), rate) if clip.frames else ""
+                errors.append(word_error_rate(sentence, heard))
+        finally:
+            synthesizer.release_caches()
+            model.train()
+        return sum(errors) / len(errors)
 
 
 class _MetricsLog:
