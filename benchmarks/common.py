@@ -16,6 +16,17 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
 
 
+def publish(benchmark: str, device: torch.device, caption: str, columns: list[str], rows: list[list], record: bool) -> str:
+    """Print a captioned markdown table and, when `record`, append it to RESULTS.md. Returns the table."""
+    lines = [caption, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    table = "\n".join(lines)
+    print(table)
+    if record:
+        append_result(benchmark, device, table)
+    return table
+
+
 def append_result(benchmark: str, device: torch.device, table: str, notes: str = "") -> None:
     """Append a dated section: the benchmark, device, torch version, the command that produced it, the table."""
     command = f"python -m benchmarks.{Path(sys.argv[0]).stem} " + " ".join(sys.argv[1:])

@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from benchmarks.common import append_result
+from benchmarks.common import publish
 from fs_pipeline.audio.io import read_wav
 from fs_pipeline.device import select_device
 from fs_pipeline.manifest import Manifest
@@ -102,18 +102,9 @@ def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chun
             rows.append((f"fs-pipeline, batch {batch_size}, {num_workers} workers", audio_seconds / (time.perf_counter() - start)))
 
         codec_name = "full-size S1-mini codec, random weights" if full_codec else "tiny codec"
-        table = "\n".join(
-            [
-                f"{clips} clips, {audio_seconds:.0f} s of audio, {codec_name}",
-                "",
-                "| extractor | audio-s/s | × upstream |",
-                "| --- | --- | --- |",
-                *[f"| {name} | {rate:.1f} | {rate / upstream_rate:.2f} |" for name, rate in rows],
-            ]
-        )
-        click.echo(table)
-        if not no_record:
-            append_result("Extraction throughput", choice.device, table)
+        publish("Extraction throughput", choice.device, f"{clips} clips, {audio_seconds:.0f} s of audio, {codec_name}",
+                ["extractor", "audio-s/s", "× upstream"], [[name, f"{rate:.1f}", f"{rate / upstream_rate:.2f}"] for name, rate in rows],
+                record=not no_record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks.common import append_result
+from benchmarks.common import publish
 from benchmarks.train_throughput import synthetic_utterances
 from fs_pipeline.device import select_device
 from fs_pipeline.models import open_model_dir
@@ -65,22 +65,15 @@ def main(llm_size, full_codec, frames, device, no_record):
         synthesizer.speak("Warm up.", work / "warmup.wav", SynthesisSettings(max_new_frames=8))
         speech = synthesizer.speak("The quick brown fox jumps over the lazy dog.", work / "out.wav", settings)
         codec = "full-size codec" if full_codec else "tiny codec"
-        table = "\n".join(
-            [
-                f"{llm_size} LLM with random weights, {codec}, {choice.precision}",
-                "",
-                "| measure | value |",
-                "| --- | --- |",
-                f"| merge wall time (child process, incl. start-up and merge check) | {merge_seconds:.1f} s |",
-                f"| merge peak resident memory | {merge_peak_gb:.2f} GB |",
-                f"| synthesis: frames generated | {speech.frames} ({speech.audio_seconds:.1f} s of audio) |",
-                f"| synthesis: wall time (LLM + codec decode) | {speech.seconds:.2f} s |",
-                f"| synthesis: realtime factor | {speech.realtime_factor:.2f}x |",
-            ]
-        )
-        click.echo(table)
-        if not no_record:
-            append_result("Merge and synthesis", choice.device, table)
+        rows = [
+            ["merge wall time (child process, incl. start-up and merge check)", f"{merge_seconds:.1f} s"],
+            ["merge peak resident memory", f"{merge_peak_gb:.2f} GB"],
+            ["synthesis: frames generated", f"{speech.frames} ({speech.audio_seconds:.1f} s of audio)"],
+            ["synthesis: wall time (LLM + codec decode)", f"{speech.seconds:.2f} s"],
+            ["synthesis: realtime factor", f"{speech.realtime_factor:.2f}x"],
+        ]
+        publish("Merge and synthesis", choice.device, f"{llm_size} LLM with random weights, {codec}, {choice.precision}",
+                ["measure", "value"], rows, record=not no_record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import torch
 
-from benchmarks.common import append_result
+from benchmarks.common import publish
 from fs_pipeline.device import select_device
 from fs_pipeline.stages import prepare
 from fs_pipeline.audio.asr import word_error_rate
@@ -61,18 +61,10 @@ def main(minutes, device, no_record):
             wer = word_error_rate(" ".join(spoken.sentences), text)
             rows.append((backend, "real tiny.en" if backend == "faster-whisper" else "random, tiny.en size", result.audio_seconds,
                          result.realtime_factor, wer))
-        table = "\n".join(
-            [
+        publish("Prepare throughput", choice.device,
                 f"{rows[0][2]:.0f} s of espeak-ng speech, --split-long --normalize --auto-transcribe, {choice.device}",
-                "",
-                "| ASR backend | weights | × realtime (whole stage) | WER |",
-                "| --- | --- | --- | --- |",
-                *[f"| {b} | {w} | {rt:.1f} | {wer:.2f} |" for b, w, _, rt, wer in rows],
-            ]
-        )
-        click.echo(table)
-        if not no_record:
-            append_result("Prepare throughput", choice.device, table)
+                ["ASR backend", "weights", "× realtime (whole stage)", "WER"],
+                [[b, w, f"{rt:.1f}", f"{wer:.2f}"] for b, w, _, rt, wer in rows], record=not no_record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

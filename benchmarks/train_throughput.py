@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from benchmarks.common import append_result
+from benchmarks.common import publish
 from fs_pipeline.device import select_device
 from fs_pipeline.models import open_model_dir
 from fs_pipeline.packed import speaker_message, write_protos
@@ -63,19 +63,10 @@ def main(llm_size, batch_size, frames, steps, gradient_checkpointing, device, no
         timed = metrics[2:] or metrics
         tokens_per_second = sum(m["tokens_per_second"] for m in timed) / len(timed)
         peak = max(m.get("peak_memory_gb", 0.0) for m in metrics)
-        table = "\n".join(
-            [
-                f"{llm_size} LLM (random weights), LoRA r=8, {choice.precision}, batch {batch_size} x ~{frames + 40} tokens, "
-                f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, {steps} steps",
-                "",
-                "| trainer | tokens/s | peak GPU memory (GB) | final loss |",
-                "| --- | --- | --- | --- |",
-                f"| fs-pipeline | {tokens_per_second:.0f} | {peak:.1f} | {metrics[-1]['loss']:.3f} |",
-            ]
-        )
-        click.echo(table)
-        if not no_record:
-            append_result("Training throughput", choice.device, table)
+        caption = (f"{llm_size} LLM (random weights), LoRA r=8, {choice.precision}, batch {batch_size} x ~{frames + 40} tokens, "
+                   f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, {steps} steps")
+        publish("Training throughput", choice.device, caption, ["trainer", "tokens/s", "peak GPU memory (GB)", "final loss"],
+                [["fs-pipeline", f"{tokens_per_second:.0f}", f"{peak:.1f}", f"{metrics[-1]['loss']:.3f}"]], record=not no_record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
