@@ -172,7 +172,7 @@ def run_pipeline(project: Project, data_dir: Path, model_dir, choice, flags) -> 
         prepare_stage = prepare_settings(flags, (str(data_dir),), dataset, speaker, model_dir.version.sample_rate)
     to_stage = "prepare" if flags["prepare_data"] and not flags["full_pipeline"] else flags["to_stage"]
     settings = pipeline.PipelineSettings(
-        data_dir=dataset, prepare=prepare_stage, extract=extract_settings(flags, dataset), pack=pack_settings(flags, dataset),
+        prepare=prepare_stage, extract=extract_settings(flags, dataset), pack=pack_settings(flags, dataset),
         train=train_settings(flags), merge=merge_settings(flags), from_stage=flags["from_stage"], to_stage=to_stage,
         force_stage=flags["force_stage"],
     )

@@ -44,7 +44,6 @@ def main(workdir: Path, model_version: str, steps: int, device: str | None, forc
 
     project = Project("demo", root=workdir / "results")
     settings = pipeline.PipelineSettings(
-        data_dir=dataset,
         prepare=None,
         extract=extract.ExtractSettings(dataset, num_workers=0),
         pack=pack.PackSettings(dataset),

@@ -30,8 +30,7 @@ TEST_SENTENCE = "This is a test of my new voice, made with fs-pipeline."
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    data_dir: Path
-    prepare: prepare.PrepareSettings | None  # None: data_dir is a prepared dataset
+    prepare: prepare.PrepareSettings | None  # None: the extract settings' data_dir is a prepared dataset
     extract: extract.ExtractSettings
     pack: pack.PackSettings
     train: train.TrainSettings
@@ -87,7 +86,6 @@ def run(settings: PipelineSettings, model_dir: ModelDir, choice: DeviceChoice, p
 def _run_stages(settings, model_dir, choice, project, first, last, forced_from) -> PipelineResult:
     manifest = Manifest(project.manifest_path)
     result = PipelineResult([], [], None, None, None, None)
-    data_dir = Path(settings.data_dir)
     needs_prepare = settings.prepare is not None
 
     for index, stage in enumerate(STAGES):
