@@ -15,8 +15,9 @@ from pathlib import Path
 
 import click
 import numpy as np
+import torch
 
-from benchmarks.common import publish
+from benchmarks.common import append_result, publish
 from fs_pipeline.device import select_device
 from fs_pipeline.models import open_model_dir
 from fs_pipeline.packed import speaker_message, write_protos
@@ -38,6 +39,46 @@ def synthetic_utterances(model_dir, count: int, frames: int, seed: int = 0):
         yield text, codes
 
 
+def profile_steps(settings, model_dir, choice, project, record: bool, warmup: int = 3, measured: int = 5) -> None:
+    """torch.profiler over `measured` training steps (after `warmup`), model loading excluded: the same
+    forward, backward and optimizer step as the train stage."""
+    from fs_pipeline.lora import LoraSettings
+    from fs_pipeline.modeling import forward
+
+    model = train.prepare_model(model_dir, LoraSettings.from_name(settings.lora_config), choice)
+    examples = train._examples(project.data_dir / TRAIN_FILE, model, model_dir.config["max_seq_len"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
+
+    def step(index: int) -> None:
+        inputs, labels, _ = train._batch(examples, index * settings.batch_size, settings.batch_size, 0, choice.device)
+        with choice.autocast():
+            loss = forward(model, inputs, labels, settings.gradient_checkpointing).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    for index in range(warmup):
+        step(index)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if choice.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for index in range(warmup, warmup + measured):
+            step(index)
+    sort_key = "cuda_time_total" if choice.type == "cuda" else "cpu_time_total"
+    top = profiler.key_averages().table(sort_by=sort_key, row_limit=15, max_name_column_width=60)
+    print(top)
+    if record:
+        append_result(f"Training step profile ({measured} steps after {warmup} warm-up, top 15)", choice.device, "```\n" + top + "\n```")
+    del model, optimizer
+    if choice.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 @click.command()
 @click.option("--llm-size", type=click.Choice(["tiny", "s1-mini"]), default="tiny", show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
@@ -45,8 +86,9 @@ def synthetic_utterances(model_dir, count: int, frames: int, seed: int = 0):
 @click.option("--steps", default=20, show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--device", default=None)
+@click.option("--profile", is_flag=True, help="Also profile the run with torch.profiler and record the top kernels.")
 @click.option("--no-record", is_flag=True, help="Print only; don't append to RESULTS.md (smoke tests).")
-def main(llm_size, batch_size, frames, steps, gradient_checkpointing, device, no_record):
+def main(llm_size, batch_size, frames, steps, gradient_checkpointing, device, profile, no_record):
     choice = select_device(device)
     work = Path(tempfile.mkdtemp(prefix="fs-bench-train-"))
     try:
@@ -58,6 +100,8 @@ def main(llm_size, batch_size, frames, steps, gradient_checkpointing, device, no
         settings = train.TrainSettings(
             max_steps=steps, batch_size=batch_size, checkpoint_every=steps, gradient_checkpointing=gradient_checkpointing
         )
+        if profile:
+            profile_steps(settings, model_dir, choice, project, record=not no_record)
         train.run(settings, model_dir, choice, project)
         metrics = [json.loads(line) for line in open(project.dir / "logs" / "metrics.jsonl")]
         timed = metrics[2:] or metrics
