@@ -73,10 +73,6 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
     print(top)
     if record:
         append_result(f"Training step profile ({measured} steps after {warmup} warm-up, top 15)", choice.device, "```\n" + top + "\n```")
-    del model, optimizer
-    if choice.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 @click.command()
@@ -102,6 +98,9 @@ def main(llm_size, batch_size, frames, steps, gradient_checkpointing, device, pr
         )
         if profile:
             profile_steps(settings, model_dir, choice, project, record=not no_record)
+            if choice.type == "cuda":  # the measured run below reports its own peak
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
         train.run(settings, model_dir, choice, project)
         metrics = [json.loads(line) for line in open(project.dir / "logs" / "metrics.jsonl")]
         timed = metrics[2:] or metrics
