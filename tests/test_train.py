@@ -226,3 +226,21 @@ def test_test_clips_are_kept_and_scored(project, tiny_model_dir, cpu, monkeypatc
 
     listing = CliRunner().invoke(load_script("finetune_tts").main, ["--project", "p", "--list-checkpoints"]).output
     assert "  wer " in listing and f"Best by WER: {top.path.name}" in listing
+
+
+def test_memory_estimate_warns_with_a_batch_size_that_fits(tiny_model_dir, cpu, monkeypatch):
+    from loguru import logger
+
+    model = train.prepare_model(tiny_model_dir, LoraSettings(), cpu)
+    needed = train.estimate_memory(model, 8, 1000, LoraSettings(), cpu)
+    assert needed > 0
+    monkeypatch.setattr(train, "_device_memory", lambda choice: int(needed * 1e9 / 3))
+    messages = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        train.estimate_memory(model, 8, 1000, LoraSettings(), cpu)
+    finally:
+        logger.remove(sink)
+    (warning,) = messages
+    suggested = int(str(warning).split("try --batch-size ")[1].split()[0])
+    assert "estimated peak memory" in str(warning) and 1 <= suggested < 8
