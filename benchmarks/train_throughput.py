@@ -81,10 +81,11 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
 @click.option("--frames", default=400, show_default=True, help="Semantic frames per utterance (21.5 per second of audio).")
 @click.option("--steps", default=20, show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--compile", "compile_blocks", is_flag=True, help="torch.compile the transformer blocks.")
 @click.option("--device", default=None)
 @click.option("--profile", is_flag=True, help="Also profile the run with torch.profiler and record the top kernels.")
 @click.option("--no-record", is_flag=True, help="Print only; don't append to RESULTS.md (smoke tests).")
-def main(llm_size, batch_size, frames, steps, gradient_checkpointing, device, profile, no_record):
+def main(llm_size, batch_size, frames, steps, gradient_checkpointing, compile_blocks, device, profile, no_record):
     choice = select_device(device)
     work = Path(tempfile.mkdtemp(prefix="fs-bench-train-"))
     try:
@@ -94,7 +95,8 @@ def main(llm_size, batch_size, frames, steps, gradient_checkpointing, device, pr
         write_protos(project.data_dir / TRAIN_FILE, [speaker_message("spk", "synthetic", utterances[:60])])
         write_protos(project.data_dir / VAL_FILE, [speaker_message("spk", "synthetic", utterances[60:])])
         settings = train.TrainSettings(
-            max_steps=steps, batch_size=batch_size, checkpoint_every=steps, gradient_checkpointing=gradient_checkpointing
+            max_steps=steps, batch_size=batch_size, checkpoint_every=steps, gradient_checkpointing=gradient_checkpointing,
+            compile=compile_blocks,
         )
         if profile:
             profile_steps(settings, model_dir, choice, project, record=not no_record)
@@ -107,7 +109,8 @@ def main(llm_size, batch_size, frames, steps, gradient_checkpointing, device, pr
         tokens_per_second = sum(m["tokens_per_second"] for m in timed) / len(timed)
         peak = max(m.get("peak_memory_gb", 0.0) for m in metrics)
         caption = (f"{llm_size} LLM (random weights), LoRA r=8, {choice.precision}, batch {batch_size} x ~{frames + 40} tokens, "
-                   f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, {steps} steps")
+                   f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, compiled blocks {'on' if compile_blocks else 'off'}, "
+                   f"{steps} steps (tokens/s from step 3 on)")
         publish("Training throughput", choice.device, caption, ["trainer", "tokens/s", "peak GPU memory (GB)", "final loss"],
                 [["fs-pipeline", f"{tokens_per_second:.0f}", f"{peak:.1f}", f"{metrics[-1]['loss']:.3f}"]], record=not no_record)
     finally:

@@ -46,6 +46,7 @@ class TrainSettings:
     lr_schedule: str = "constant"  # or "cosine"
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block (fuses the many small LoRA and norm kernels)
     max_length: int | None = None  # default: the model's max_seq_len
     checkpoint_every: int = 100
     val_every: int | None = None  # default: checkpoint_every
@@ -81,6 +82,9 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)  # before the adapters are initialised
     model = prepare_model(model_dir, lora, choice, payload["lora"] if payload else None, resume)
+    if settings.compile:
+        for block in [*model.layers, *model.fast_layers]:
+            block.compile()
 
     train_examples = _examples(project.data_dir / TRAIN_FILE, model, max_length)
     val_examples = _examples(project.data_dir / VAL_FILE, model, max_length)
