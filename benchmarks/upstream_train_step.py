@@ -95,6 +95,11 @@ def make_batches(model_dir, batch_size: int, frames: int, steps: int) -> list[di
     return batches
 
 
+def synchronize(choice) -> None:
+    if choice.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def ours(model_dir, batches, warmup: int, compile_blocks: bool, choice) -> dict:
     model = train.prepare_model(model_dir, LoraSettings.from_name("r_8_alpha_16"), choice)
     if compile_blocks:
@@ -114,54 +119,57 @@ def ours(model_dir, batches, warmup: int, compile_blocks: bool, choice) -> dict:
 
     for batch in batches[:warmup]:
         step(batch)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    synchronize(choice)
+    on_gpu = choice.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     started, tokens, losses = time.perf_counter(), 0, []
     for batch in batches[warmup:]:
         loss, n = step(batch)
         tokens += n
         losses.append(loss)
-    torch.cuda.synchronize()
-    result = {"tokens_per_second": tokens / (time.perf_counter() - started), "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-              "last_loss": losses[-1]}
-    del model, optimizer
-    torch.cuda.empty_cache()
-    return result
+    synchronize(choice)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if on_gpu else 0.0
+    return {"tokens_per_second": tokens / (time.perf_counter() - started), "peak_gb": peak, "last_loss": losses[-1]}
 
 
 @click.command()
-@click.option("--upstream", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Folder holding upstream's fish_speech/ package (carried, not committed).")
+@click.option("--upstream", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder holding upstream's fish_speech/ package (carried, not committed); without it only our rows run.")
+@click.option("--llm-size", type=click.Choice(["tiny", "s1-mini"]), default="s1-mini", show_default=True)
+@click.option("--device", default="cuda", show_default=True, help="Upstream's step needs cuda; ours runs anywhere.")
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--frames", default=1000, show_default=True)
 @click.option("--steps", default=12, show_default=True, help="Steps per trainer, the first --warmup not timed.")
 @click.option("--warmup", default=4, show_default=True)
 @click.option("--no-record", is_flag=True)
-def main(upstream, batch_size, frames, steps, warmup, no_record):
-    choice = select_device("cuda")
+def main(upstream, llm_size, batch_size, frames, steps, warmup, device, no_record):
+    choice = select_device(device)
     work = Path(tempfile.mkdtemp(prefix="fs-bench-upstream-"))
     try:
-        path = write_tiny_model(work / "model", llm_size="s1-mini")
+        path = write_tiny_model(work / "model", llm_size=llm_size)
         config = json.loads((path / "config.json").read_text())
         config["tie_word_embeddings"] = False  # upstream's setup_lora needs an output head of its own
         (path / "config.json").write_text(json.dumps(config))
         state = torch.load(path / "model.pth", weights_only=True)
-        state["output.weight"] = state["embeddings.weight"].clone()
+        state.setdefault("output.weight", state["embeddings.weight"].clone())
         torch.save(state, path / "model.pth")
         model_dir = open_model_dir(path)
         batches = make_batches(model_dir, batch_size, frames, steps)
         torch.save(batches, work / "batches.pt")
 
-        theirs = subprocess.run([sys.executable, "-c", UPSTREAM_STEP, str(upstream.resolve()), str(path), str(work / "batches.pt"), str(warmup)],
-                                capture_output=True, text=True)
-        if theirs.returncode != 0:
-            raise click.ClickException(f"upstream step failed:\n{theirs.stderr[-3000:]}")
-        upstream_result = json.loads(theirs.stdout.strip().splitlines()[-1])
-        rows = [("upstream fish-speech step (bf16-true, key padding mask)", upstream_result)]
+        rows = []
+        if upstream:
+            theirs = subprocess.run([sys.executable, "-c", UPSTREAM_STEP, str(upstream.resolve()), str(path), str(work / "batches.pt"),
+                                     str(warmup)], capture_output=True, text=True)
+            if theirs.returncode != 0:
+                raise click.ClickException(f"upstream step failed:\n{theirs.stderr[-3000:]}")
+            rows.append(("upstream fish-speech step (bf16-true, key padding mask)", json.loads(theirs.stdout.strip().splitlines()[-1])))
         rows.append(("fs-pipeline step, eager", ours(model_dir, batches, warmup, False, choice)))
-        rows.append(("fs-pipeline step, --compile", ours(model_dir, batches, warmup, True, choice)))
-        base = upstream_result["tokens_per_second"]
-        caption = (f"S1-mini-sized DualAR (random weights, untied head), LoRA r=8, batch {batch_size} x ~{frames + 40} tokens, "
+        if choice.type == "cuda":
+            rows.append(("fs-pipeline step, --compile", ours(model_dir, batches, warmup, True, choice)))
+        base = rows[0][1]["tokens_per_second"]
+        caption = (f"{llm_size} DualAR (random weights, untied head), LoRA r=8, batch {batch_size} x ~{frames + 40} tokens, "
                    f"{steps - warmup} timed steps after {warmup} warm-up, no gradient checkpointing")
         publish("Training step vs upstream", choice.device, caption, ["trainer", "tokens/s", "× upstream", "peak GPU memory (GB)", "last loss"],
                 [[name, f"{r['tokens_per_second']:.0f}", f"{r['tokens_per_second'] / base:.2f}", f"{r['peak_gb']:.1f}", f"{r['last_loss']:.3f}"]

@@ -35,3 +35,14 @@ def test_prep_throughput_smoke():
     result = CliRunner().invoke(prep_throughput.main, ["--minutes", "0.1", "--no-record", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "| faster-whisper | real tiny.en |" in result.output and "| openai-whisper |" in result.output
+
+
+def test_upstream_train_step_smoke_ours_only():
+    """Upstream's code is never committed, so CI runs only our side of this benchmark."""
+    from benchmarks import upstream_train_step
+
+    result = CliRunner().invoke(
+        upstream_train_step.main, ["--llm-size", "tiny", "--device", "cpu", "--frames", "20", "--steps", "3", "--warmup", "1", "--no-record"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "| fs-pipeline step, eager |" in result.output
