@@ -46,3 +46,11 @@ def test_upstream_train_step_smoke_ours_only():
     )
     assert result.exit_code == 0, result.output
     assert "| fs-pipeline step, eager |" in result.output
+
+
+def test_synthesis_vs_upstream_smoke():
+    from benchmarks import synthesis_vs_upstream
+
+    result = CliRunner().invoke(synthesis_vs_upstream.main, ["--llm-size", "tiny", "--frames", "5", "--device", "cpu", "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert "| upstream generate (eager) |" in result.output and "| fs-pipeline Synthesizer.generate (eager) |" in result.output

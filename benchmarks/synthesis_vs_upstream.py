@@ -1,0 +1,82 @@
+"""Synthesis speed: our decoding loop against upstream fish-speech's inference `generate`, same model and prompt.
+
+    python -m benchmarks.synthesis_vs_upstream [--llm-size s1-mini] [--frames 300]
+
+Upstream's loop is `fish_speech.models.text2semantic.inference.generate` from the fish-speech 0.1.0
+package (eager, as its CLI runs without --compile). Ours is Synthesizer.generate. Both get the same
+prompt (prompt.prompt_values) and produce --frames frames (random weights rarely emit the end token;
+our constrained decoding may stop earlier, which the frames column shows). Only the LLM is timed: both
+then decode with the same codec, and neither streams, so time to first audio is this time plus one
+codec decode. Realtime factor = seconds of audio (frames / 21.5) per second of generation.
+"""
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from benchmarks.common import publish
+from fs_pipeline.device import select_device
+from fs_pipeline.models import open_model_dir
+from fs_pipeline.prompt import prompt_values
+from fs_pipeline.stages.synthesize import SynthesisSettings, Synthesizer
+from fs_pipeline.tiny_model import write_tiny_model
+
+FRAMES_PER_SECOND = 44100 / 2048
+TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet woods."
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@click.command()
+@click.option("--llm-size", type=click.Choice(["tiny", "s1-mini"]), default="s1-mini", show_default=True)
+@click.option("--frames", default=300, show_default=True)
+@click.option("--device", default=None)
+@click.option("--no-record", is_flag=True)
+def main(llm_size, frames, device, no_record):
+    from fish_speech.models.text2semantic.inference import generate
+
+    choice = select_device(device)
+    work = Path(tempfile.mkdtemp(prefix="fs-bench-synth-"))
+    try:
+        model_dir = open_model_dir(write_tiny_model(work / "model", llm_size=llm_size))
+        synthesizer = Synthesizer(model_dir, choice)
+        model = synthesizer.model
+        prompt = prompt_values(model.tokenizer, [(TEXT, None)], model.config.num_codebooks).to(choice.device)
+        settings = SynthesisSettings(max_new_frames=frames)
+        rows = []
+
+        def upstream_run(n):
+            with torch.inference_mode():
+                result = generate(model=model, prompt=prompt, max_new_tokens=n, audio_masks=None, audio_parts=None,
+                                  temperature=0.8, top_p=0.8, repetition_penalty=1.1)
+            return result.shape[1] - prompt.shape[1]
+
+        for name, run in (("upstream generate (eager)", upstream_run), ("fs-pipeline Synthesizer.generate (eager)",
+                                                                         lambda n: synthesizer.generate(TEXT, SynthesisSettings(max_new_frames=n)).shape[1])):
+            synthesizer.release_caches()
+            run(8)  # warm-up
+            synthesizer.release_caches()
+            synchronize(choice.device)
+            started = time.perf_counter()
+            made = run(settings.max_new_frames)
+            synchronize(choice.device)
+            seconds = time.perf_counter() - started
+            rows.append((name, made, seconds))
+        base = rows[0][1] / rows[0][2]
+        publish("Synthesis vs upstream", choice.device, f"{llm_size} LLM with random weights, {choice.precision}, one prompt, up to {frames} frames",
+                ["decoder", "frames", "seconds", "frames/s", "× upstream", "realtime factor"],
+                [[n, m, f"{s:.2f}", f"{m / s:.1f}", f"{(m / s) / base:.2f}", f"{m / FRAMES_PER_SECOND / s:.2f}x"] for n, m, s in rows],
+                record=not no_record)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
