@@ -3,7 +3,7 @@
     python -m benchmarks.train_throughput [--llm-size s1-mini] [--batch-size 4] [--frames 400] [--steps 20]
 
 Builds a base model with random weights (--llm-size tiny or the release-sized s1-mini), writes packed
-train/val data of random codes with short texts, trains LoRA r=8 for --steps steps through the same
+train/val data of random codes with short texts, trains LoRA (--lora-config) for --steps steps through the same
 stage code users run, and reports tokens/s (steps after the first two) and peak GPU memory.
 """
 
@@ -82,10 +82,11 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
 @click.option("--steps", default=20, show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--compile", "compile_blocks", is_flag=True, help="torch.compile the transformer blocks.")
+@click.option("--lora-config", default="r_8_alpha_16", show_default=True)
 @click.option("--device", default=None)
 @click.option("--profile", is_flag=True, help="Also profile the run with torch.profiler and record the top kernels.")
 @click.option("--no-record", is_flag=True, help="Print only; don't append to RESULTS.md (smoke tests).")
-def main(llm_size, batch_size, frames, steps, gradient_checkpointing, compile_blocks, device, profile, no_record):
+def main(llm_size, batch_size, frames, steps, gradient_checkpointing, compile_blocks, lora_config, device, profile, no_record):
     choice = select_device(device)
     work = Path(tempfile.mkdtemp(prefix="fs-bench-train-"))
     try:
@@ -96,7 +97,7 @@ def main(llm_size, batch_size, frames, steps, gradient_checkpointing, compile_bl
         write_protos(project.data_dir / VAL_FILE, [speaker_message("spk", "synthetic", utterances[60:])])
         settings = train.TrainSettings(
             max_steps=steps, batch_size=batch_size, checkpoint_every=steps, gradient_checkpointing=gradient_checkpointing,
-            compile=compile_blocks,
+            compile=compile_blocks, lora_config=lora_config,
         )
         if profile:
             profile_steps(settings, model_dir, choice, project, record=not no_record)
@@ -108,7 +109,7 @@ def main(llm_size, batch_size, frames, steps, gradient_checkpointing, compile_bl
         timed = metrics[2:] or metrics
         tokens_per_second = sum(m["tokens_per_second"] for m in timed) / len(timed)
         peak = max(m.get("peak_memory_gb", 0.0) for m in metrics)
-        caption = (f"{llm_size} LLM (random weights), LoRA r=8, {choice.precision}, batch {batch_size} x ~{frames + 40} tokens, "
+        caption = (f"{llm_size} LLM (random weights), LoRA {lora_config}, {choice.precision}, batch {batch_size} x ~{frames + 40} tokens, "
                    f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, compiled blocks {'on' if compile_blocks else 'off'}, "
                    f"{steps} steps (tokens/s from step 3 on)")
         publish("Training throughput", choice.device, caption, ["trainer", "tokens/s", "peak GPU memory (GB)", "final loss"],
