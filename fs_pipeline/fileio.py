@@ -39,10 +39,18 @@ def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+_hashes: dict[tuple, str] = {}
+
+
 def file_hash(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a file's content. Remembered within the process while the file's size and modification
+    time stay the same, so a multi-gigabyte base model is read once per run, not once per stage."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _hashes:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _hashes[key] = h.hexdigest()
+    return _hashes[key]

@@ -25,7 +25,7 @@ from loguru import logger
 
 from fs_pipeline import PipelineError, checkpoints
 from fs_pipeline.device import DeviceChoice
-from fs_pipeline.fileio import file_hash, write_json_atomic
+from fs_pipeline.fileio import atomic_path, file_hash, write_json_atomic
 from fs_pipeline.lora import LoraSettings, adapted_layers, add_lora, load_lora_state, lora_state_dict
 from fs_pipeline.modeling import fast_forward, slow_forward
 from fs_pipeline.models import CODEC_CONFIG_FILE, ModelDir, build_llm, load_llm, load_llm_weights, model_identity, open_model_dir
@@ -197,8 +197,6 @@ def _manifest(model_dir, identity, checkpoint, payload, lora, project, inputs, c
 def _export_adapter(folder: Path, model, lora: LoraSettings, identity: str, model_dir: ModelDir) -> None:
     """The adapters alone, loadable on top of the base (cli_tts.py --lora DIR)."""
     from safetensors.torch import save_file
-
-    from fs_pipeline.fileio import atomic_path
 
     state = {k: v.float().contiguous() for k, v in lora_state_dict(model).items()}
     folder.mkdir(parents=True, exist_ok=True)
