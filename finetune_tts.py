@@ -46,6 +46,9 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, ~30% slower.")
 @click.option("--compile", "compile_blocks", is_flag=True, help="torch.compile the transformer blocks: faster steps on GPUs after a slow first step.")
 @click.option("--max-length", type=int, default=None, help="Truncate training sequences to this many tokens [default: the model's max].")
+@click.option("--pack-utterances", is_flag=True,
+              help="Train on rows of several utterances of one speaker, up to --max-length tokens, instead of one per row: "
+                   "little padding and many tokens per step, fast on large GPUs (lower --batch-size: each row is long).")
 @click.option("--checkpoint-every", default=100, show_default=True)
 @click.option("--val-every", type=int, default=None, help="Validate every N steps [default: --checkpoint-every].")
 @click.option("--keep-checkpoints", default=5, show_default=True, help="Keep the newest N checkpoints, plus the best by validation loss.")
@@ -154,7 +157,7 @@ def train_settings(flags, resume_from=None, warm_start=None) -> train.TrainSetti
         max_steps=flags["max_steps"], batch_size=flags["batch_size"], learning_rate=flags["learning_rate"],
         gradient_accumulation_steps=flags["gradient_accumulation_steps"], lora_config=flags["lora_config"],
         warmup_steps=flags["warmup_steps"], lr_schedule=flags["lr_schedule"], gradient_checkpointing=flags["gradient_checkpointing"],
-        compile=flags["compile_blocks"], max_length=flags["max_length"], checkpoint_every=flags["checkpoint_every"], val_every=flags["val_every"],
+        compile=flags["compile_blocks"], max_length=flags["max_length"], pack_utterances=flags["pack_utterances"], checkpoint_every=flags["checkpoint_every"], val_every=flags["val_every"],
         keep_checkpoints=flags["keep_checkpoints"], seed=flags["seed"], resume_from=resume_from, warm_start_from=warm_start,
         test_clips=flags["test_clips"], test_clips_whisper_model=flags["test_clips_whisper_model"],
     )

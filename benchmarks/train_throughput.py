@@ -1,10 +1,12 @@
 """Training throughput of our LoRA trainer on synthetic packed data.
 
     python -m benchmarks.train_throughput [--llm-size s1-mini] [--batch-size 4] [--frames 400] [--steps 20]
+                                          [--pack-utterances --max-length 4096] [--compile]
 
 Builds a base model with random weights (--llm-size tiny or the release-sized s1-mini), writes packed
 train/val data of random codes with short texts, trains LoRA (--lora-config) for --steps steps through the same
-stage code users run, and reports tokens/s (steps after the first two) and peak GPU memory.
+stage code users run, and reports tokens/s (steps after the first two), MFU (FLOPs as counted by
+common.training_flops, on GPUs with a known peak) and peak GPU memory.
 """
 
 import json
@@ -12,13 +14,17 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 import numpy as np
 import torch
+from fish_speech.models.text2semantic.llama import BaseModelArgs
+from fish_speech.tokenizer import FishTokenizer
 
-from benchmarks.common import append_result, publish
+from benchmarks.common import append_result, peak_flops, publish, training_flops
 from fs_pipeline.device import select_device
+from fs_pipeline.modeling import frame_index
 from fs_pipeline.models import open_model_dir
 from fs_pipeline.packed import speaker_message, write_protos
 from fs_pipeline.project import Project
@@ -46,14 +52,17 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
     from fs_pipeline.modeling import forward
 
     model = train.prepare_model(model_dir, LoraSettings.from_name(settings.lora_config), choice)
-    examples = train._examples(project.data_dir / TRAIN_FILE, model, model_dir.config["max_seq_len"])
+    if settings.compile:
+        for block in [*model.layers, *model.fast_layers]:
+            block.compile()
+    examples = train._examples(project.data_dir / TRAIN_FILE, model, settings.max_length, settings.pack_utterances)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
 
     def step(index: int) -> None:
-        inputs, labels, _ = train._batch(examples, index * settings.batch_size, settings.batch_size, 0, choice.device)
+        inputs, labels, frames, _ = train._batch(examples, index * settings.batch_size, settings.batch_size, 0, model, choice.device)
         with choice.autocast():
-            loss = forward(model, inputs, labels, settings.gradient_checkpointing).loss
+            loss = forward(model, inputs, labels, frames, settings.gradient_checkpointing).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -75,6 +84,22 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
         append_result(f"Training step profile ({measured} steps after {warmup} warm-up, top 15)", choice.device, "```\n" + top + "\n```")
 
 
+def model_flops_utilization(settings, model_dir, project, choice, tokens_per_second: float) -> str:
+    """MFU at this rate, from the FLOPs per real position of the training rows (see common.training_flops)."""
+    from fs_pipeline.lora import LoraSettings
+
+    config = BaseModelArgs.from_pretrained(str(model_dir.path / "config.json"))
+    shape = SimpleNamespace(config=config, tokenizer=FishTokenizer.from_pretrained(str(model_dir.path)))  # all _examples reads
+    examples = train._examples(project.data_dir / TRAIN_FILE, shape, settings.max_length, settings.pack_utterances)
+    lengths = [x.shape[1] for x, _ in examples]
+    frames = sum(len(frame_index(shape, y[None])) for _, y in examples)
+    flops_per_position = training_flops(config, lengths, frames, LoraSettings.from_name(settings.lora_config).r) / sum(lengths)
+    peak = peak_flops(choice.device)
+    if peak is None:
+        return "n/a"
+    return f"{tokens_per_second * flops_per_position / peak:.1%}"
+
+
 @click.command()
 @click.option("--llm-size", type=click.Choice(["tiny", "s1-mini"]), default="tiny", show_default=True)
 @click.option("--batch-size", default=4, show_default=True)
@@ -83,21 +108,25 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--compile", "compile_blocks", is_flag=True, help="torch.compile the transformer blocks.")
 @click.option("--lora-config", default="r_8_alpha_16", show_default=True)
+@click.option("--pack-utterances", is_flag=True, help="Rows of several utterances up to --max-length tokens (the train stage's option).")
+@click.option("--max-length", type=int, default=None, help="Row length in tokens [default: 4096, or the model's max if lower].")
 @click.option("--device", default=None)
 @click.option("--profile", is_flag=True, help="Also profile the run with torch.profiler and record the top kernels.")
 @click.option("--no-record", is_flag=True, help="Print only; don't append to RESULTS.md (smoke tests).")
-def main(llm_size, batch_size, frames, steps, gradient_checkpointing, compile_blocks, lora_config, device, profile, no_record):
+def main(llm_size, batch_size, frames, steps, gradient_checkpointing, compile_blocks, lora_config, pack_utterances, max_length, device,
+         profile, no_record):
     choice = select_device(device)
     work = Path(tempfile.mkdtemp(prefix="fs-bench-train-"))
     try:
         model_dir = open_model_dir(write_tiny_model(work / "model", llm_size=llm_size))
         project = Project("bench", root=work / "results")
+        max_length = max_length or min(4096, model_dir.config["max_seq_len"])
         utterances = list(synthetic_utterances(model_dir, 64, frames))
         write_protos(project.data_dir / TRAIN_FILE, [speaker_message("spk", "synthetic", utterances[:60])])
         write_protos(project.data_dir / VAL_FILE, [speaker_message("spk", "synthetic", utterances[60:])])
         settings = train.TrainSettings(
             max_steps=steps, batch_size=batch_size, checkpoint_every=steps, gradient_checkpointing=gradient_checkpointing,
-            compile=compile_blocks, lora_config=lora_config,
+            compile=compile_blocks, lora_config=lora_config, pack_utterances=pack_utterances, max_length=max_length,
         )
         if profile:
             profile_steps(settings, model_dir, choice, project, record=not no_record)
@@ -109,11 +138,13 @@ def main(llm_size, batch_size, frames, steps, gradient_checkpointing, compile_bl
         timed = metrics[2:] or metrics
         tokens_per_second = sum(m["tokens_per_second"] for m in timed) / len(timed)
         peak = max(m.get("peak_memory_gb", 0.0) for m in metrics)
-        caption = (f"{llm_size} LLM (random weights), LoRA {lora_config}, {choice.precision}, batch {batch_size} x ~{frames + 40} tokens, "
+        mfu = model_flops_utilization(settings, model_dir, project, choice, tokens_per_second)
+        rows = f"rows of up to {max_length} tokens (packed utterances)" if pack_utterances else f"~{frames + 40} tokens"
+        caption = (f"{llm_size} LLM (random weights), LoRA {lora_config}, {choice.precision}, batch {batch_size} x {rows}, "
                    f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, compiled blocks {'on' if compile_blocks else 'off'}, "
                    f"{steps} steps (tokens/s from step 3 on)")
-        publish("Training throughput", choice.device, caption, ["trainer", "tokens/s", "peak GPU memory (GB)", "final loss"],
-                [["fs-pipeline", f"{tokens_per_second:.0f}", f"{peak:.1f}", f"{metrics[-1]['loss']:.3f}"]], record=not no_record)
+        publish("Training throughput", choice.device, caption, ["trainer", "tokens/s", "MFU", "peak GPU memory (GB)", "final loss"],
+                [["fs-pipeline", f"{tokens_per_second:.0f}", mfu, f"{peak:.1f}", f"{metrics[-1]['loss']:.3f}"]], record=not no_record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -8,8 +8,10 @@ works (the PyPI 0.1.0 one does not). The upstream side runs what its Lightning m
 does, without Lightning: bf16-true weights (adapters too), its forward with a key padding mask, token +
 codebook cross-entropy, AdamW with its recipe's settings, clipping at 1.0. Its setup_lora needs an
 untied output head, so both sides train the S1-mini-sized model with untied embeddings. Ours runs the
-train stage's step (bf16 base weights, fp32 adapters under autocast, causal attention without a mask),
-eager and with --compile. Tokens/s count real (unpadded) positions, steps after warm-up, GPU synced.
+train stage's step (bf16 base weights, fp32 adapters under autocast, causal attention without a mask,
+no LoRA dropout where upstream's recipe has 0.01), eager and with --compile. With --pack-utterances both
+get the same rows of several utterances (upstream's own dataset also joins one speaker's utterances).
+Tokens/s count real (unpadded) positions, steps after warm-up, GPU synced; MFU as in common.training_flops.
 """
 
 import json
@@ -20,17 +22,20 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 import torch
+from fish_speech.models.text2semantic.llama import BaseModelArgs
+from fish_speech.tokenizer import FishTokenizer
 
-from benchmarks.common import publish
+from benchmarks.common import peak_flops, publish, training_flops
 from benchmarks.train_throughput import synthetic_utterances
 from fs_pipeline.device import select_device
 from fs_pipeline.lora import LoraSettings
 from fs_pipeline.modeling import forward
 from fs_pipeline.models import open_model_dir
-from fs_pipeline.prompt import training_example
+from fs_pipeline.packed import speaker_message, write_protos
 from fs_pipeline.stages import train
 from fs_pipeline.tiny_model import write_tiny_model
 
@@ -81,17 +86,21 @@ UPSTREAM_STEP = textwrap.dedent(
 )
 
 
-def make_batches(model_dir, batch_size: int, frames: int, steps: int) -> list[dict]:
-    from fish_speech.tokenizer import FishTokenizer
+def make_batches(model_dir, work: Path, batch_size: int, frames: int, steps: int, pack: bool, max_length: int) -> list[dict]:
+    """`steps` batches of synthetic utterances of `frames` frames, one per row or packed into rows of up
+    to max_length tokens, made by the train stage's own code."""
 
-    tokenizer = FishTokenizer.from_pretrained(str(model_dir.path))
-    examples = [training_example(tokenizer, text, torch.from_numpy(codes), model_dir.num_codebooks)
-                for text, codes in synthetic_utterances(model_dir, batch_size * steps, frames)]
+    shape = SimpleNamespace(config=BaseModelArgs.from_pretrained(str(model_dir.path / "config.json")),
+                            tokenizer=FishTokenizer.from_pretrained(str(model_dir.path)))  # all _examples reads
+    per_row = max(1, max_length // (frames + 40)) if pack else 1
+    data = work / "train.protos"
+    write_protos(data, [speaker_message("spk", "synthetic", list(synthetic_utterances(model_dir, batch_size * steps * per_row, frames)))])
+    examples = train._examples(data, shape, max_length, pack)
     batches = []
-    for start in range(0, len(examples), batch_size):
-        picks = examples[start : start + batch_size]
-        inputs, labels = train._pad(picks, "cpu")
-        batches.append({"inputs": inputs, "labels": labels, "lengths": torch.tensor([x.shape[1] for x, _ in picks])})
+    for start in range(0, batch_size * steps, batch_size):
+        picks = [examples[i % len(examples)] for i in range(start, start + batch_size)]
+        inputs, labels, frame_index = train._pad(picks, shape, "cpu")
+        batches.append({"inputs": inputs, "labels": labels, "frames": frame_index, "lengths": torch.tensor([x.shape[1] for x, _ in picks])})
     return batches
 
 
@@ -110,7 +119,7 @@ def ours(model_dir, batches, warmup: int, compile_blocks: bool, choice) -> dict:
 
     def step(batch) -> tuple[float, int]:
         with choice.autocast():
-            loss = forward(model, batch["inputs"].to(choice.device), batch["labels"].to(choice.device)).loss
+            loss = forward(model, *(batch[key].to(choice.device) for key in ("inputs", "labels", "frames"))).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -142,8 +151,10 @@ def ours(model_dir, batches, warmup: int, compile_blocks: bool, choice) -> dict:
 @click.option("--frames", default=1000, show_default=True)
 @click.option("--steps", default=12, show_default=True, help="Steps per trainer, the first --warmup not timed.")
 @click.option("--warmup", default=4, show_default=True)
+@click.option("--pack-utterances", is_flag=True, help="Rows of several utterances up to --max-length tokens, for both trainers.")
+@click.option("--max-length", type=int, default=None, help="Row length in tokens [default: 4096, or the model's max if lower].")
 @click.option("--no-record", is_flag=True)
-def main(upstream, llm_size, batch_size, frames, steps, warmup, device, no_record):
+def main(upstream, llm_size, batch_size, frames, steps, warmup, pack_utterances, max_length, device, no_record):
     choice = select_device(device)
     work = Path(tempfile.mkdtemp(prefix="fs-bench-upstream-"))
     try:
@@ -155,7 +166,8 @@ def main(upstream, llm_size, batch_size, frames, steps, warmup, device, no_recor
         state.setdefault("output.weight", state["embeddings.weight"].clone())
         torch.save(state, path / "model.pth")
         model_dir = open_model_dir(path)
-        batches = make_batches(model_dir, batch_size, frames, steps)
+        max_length = max_length or min(4096, model_dir.config["max_seq_len"])
+        batches = make_batches(model_dir, work, batch_size, frames, steps, pack_utterances, max_length)
         torch.save(batches, work / "batches.pt")
 
         rows = []
@@ -169,10 +181,17 @@ def main(upstream, llm_size, batch_size, frames, steps, warmup, device, no_recor
         if choice.type == "cuda":
             rows.append(("fs-pipeline step, --compile", ours(model_dir, batches, warmup, True, choice)))
         base = rows[0][1]["tokens_per_second"]
-        caption = (f"{llm_size} DualAR (random weights, untied head), LoRA r=8, batch {batch_size} x ~{frames + 40} tokens, "
+        timed = batches[warmup:]
+        flops = training_flops(BaseModelArgs.from_pretrained(str(path / "config.json")), [int(n) for b in timed for n in b["lengths"]],
+                               sum(len(b["frames"]) for b in timed), 8) / sum(int(b["lengths"].sum()) for b in timed)
+        peak = peak_flops(choice.device)
+        rows_of = f"rows of up to {max_length} tokens (packed utterances)" if pack_utterances else f"~{frames + 40} tokens"
+        caption = (f"{llm_size} DualAR (random weights, untied head), LoRA r=8, batch {batch_size} x {rows_of}, "
                    f"{steps - warmup} timed steps after {warmup} warm-up, no gradient checkpointing")
-        publish("Training step vs upstream", choice.device, caption, ["trainer", "tokens/s", "× upstream", "peak GPU memory (GB)", "last loss"],
-                [[name, f"{r['tokens_per_second']:.0f}", f"{r['tokens_per_second'] / base:.2f}", f"{r['peak_gb']:.1f}", f"{r['last_loss']:.3f}"]
+        publish("Training step vs upstream", choice.device, caption,
+                ["trainer", "tokens/s", "× upstream", "MFU", "peak GPU memory (GB)", "last loss"],
+                [[name, f"{r['tokens_per_second']:.0f}", f"{r['tokens_per_second'] / base:.2f}",
+                  f"{r['tokens_per_second'] * flops / peak:.1%}" if peak else "n/a", f"{r['peak_gb']:.1f}", f"{r['last_loss']:.3f}"]
                  for name, r in rows], record=not no_record)
     finally:
         shutil.rmtree(work, ignore_errors=True)

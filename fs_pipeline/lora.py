@@ -26,7 +26,7 @@ LORA_CONFIG_NAMES = ("r_8_alpha_16", "r_4_alpha_8", "r_16_alpha_32")
 class LoraSettings:
     r: int = 8
     alpha: int = 16
-    dropout: float = 0.01
+    dropout: float = 0.0  # fish-speech's recipe uses 0.01; none saves a full-size mask per adapted layer per step
 
     @classmethod
     def from_name(cls, name: str) -> "LoraSettings":

@@ -29,7 +29,6 @@ class ForwardResult:
     token_loss: torch.Tensor
     codebook_loss: torch.Tensor
     top5_accuracy: torch.Tensor
-    tokens: int  # positions with a token label
 
 
 def embed(model, inputs: torch.Tensor) -> torch.Tensor:
@@ -74,16 +73,26 @@ def fast_forward(model, hidden: torch.Tensor, codes: torch.Tensor, gradient_chec
     return model.fast_output(model.fast_norm(x))
 
 
-def forward(model, inputs: torch.Tensor, labels: torch.Tensor, gradient_checkpointing: bool = False) -> ForwardResult:
-    """Losses for a batch made by prompt.training_example (padded with 0 inputs and IGNORE labels)."""
+def frame_index(model, labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into (batch * length) of the positions whose label is a semantic token, where the fast
+    transformer runs. Computed on CPU labels before a batch moves to the GPU, it costs the GPU no sync."""
+    ids = labels[:, 0].flatten()
+    tokenizer = model.tokenizer
+    return ((ids >= tokenizer.semantic_begin_id) & (ids <= tokenizer.semantic_end_id)).nonzero().squeeze(1)
+
+
+def forward(model, inputs: torch.Tensor, labels: torch.Tensor, frames: torch.Tensor | None = None,
+            gradient_checkpointing: bool = False) -> ForwardResult:
+    """Losses for a batch made by prompt.training_example (padded with 0 inputs and IGNORE labels);
+    `frames` is frame_index(model, labels), found here when not given."""
+    if frames is None:
+        frames = frame_index(model, labels)
     token_logits, hidden = slow_forward(model, inputs, gradient_checkpointing)
     token_labels = labels[:, 0]
     token_loss = F.cross_entropy(token_logits.float().flatten(0, 1), token_labels.flatten(), ignore_index=IGNORE)
 
-    tokenizer = model.tokenizer
-    is_frame = (token_labels >= tokenizer.semantic_begin_id) & (token_labels <= tokenizer.semantic_end_id)
-    frame_codes = labels[:, 1:].transpose(1, 2)[is_frame]  # (frames, num_codebooks)
-    codebook_logits = fast_forward(model, hidden[is_frame], frame_codes, gradient_checkpointing)
+    frame_codes = labels[:, 1:].transpose(1, 2).flatten(0, 1).index_select(0, frames)  # (frames, num_codebooks)
+    codebook_logits = fast_forward(model, hidden.flatten(0, 1).index_select(0, frames), frame_codes, gradient_checkpointing)
     codebook_loss = F.cross_entropy(codebook_logits.float().flatten(0, 1), frame_codes.flatten())
 
     valid = token_labels != IGNORE
@@ -94,5 +103,4 @@ def forward(model, inputs: torch.Tensor, labels: torch.Tensor, gradient_checkpoi
         token_loss=token_loss.detach(),
         codebook_loss=codebook_loss.detach(),
         top5_accuracy=hits.sum() / valid.sum().clamp(min=1),
-        tokens=int(valid.sum()),
     )

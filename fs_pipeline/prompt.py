@@ -2,6 +2,9 @@
 
     <|interleave|><|speaker:0|>{text}<semantic frames...><|im_end|>
 
+A sequence may hold several such turns of one speaker (training packs utterances this way; synthesis
+puts reference turns before the text to speak).
+
 Each semantic frame is one token position whose row 0 is the semantic token id and rows 1..n are the
 frame's codebook codes. Loss is taken on the frames and the closing <|im_end|>, not on the text.
 Synthesis feeds the same prefix up to and including the text, optionally after reference turns
@@ -23,13 +26,15 @@ def _content(turns: list[tuple[str, torch.Tensor | None]]):
     return sequence
 
 
-def training_example(tokenizer, text: str, codes: torch.Tensor, num_codebooks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, labels) for one utterance, both of shape (num_codebooks + 1, length - 1), next-token shifted.
+def training_example(tokenizer, turns: list[tuple[str, torch.Tensor]], num_codebooks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) for one or more utterances (text, codes) of one speaker, both of shape
+    (num_codebooks + 1, length - 1), next-token shifted.
 
     inputs row 0 holds token ids, rows 1.. the codes of semantic positions (0 elsewhere). labels row 0 holds
-    the token to predict (-100 where there is no loss), rows 1.. the codes to predict at those positions."""
-    values = prompt_values(tokenizer, [(text, codes)], num_codebooks)
-    encoded = _content([(text, codes)]).encode(tokenizer, add_shift=True)
+    the token to predict (-100 where there is no loss), rows 1.. the codes to predict at those positions.
+    Every turn's frames and <|im_end|> carry loss."""
+    values = prompt_values(tokenizer, turns, num_codebooks)
+    encoded = _content(turns).encode(tokenizer, add_shift=True)
     labels = torch.full_like(values[:, 1:], -100)
     labels[0] = encoded.labels
     is_semantic = encoded.vq_mask_labels

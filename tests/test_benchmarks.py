@@ -16,7 +16,7 @@ def test_extract_throughput_smoke():
 def test_train_throughput_smoke():
     from benchmarks import train_throughput
 
-    result = CliRunner().invoke(train_throughput.main, ["--steps", "2", "--frames", "20", "--no-record", "--device", "cpu"])
+    result = CliRunner().invoke(train_throughput.main, ["--steps", "2", "--frames", "20", "--pack-utterances", "--max-length", "256", "--no-record", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "| fs-pipeline |" in result.output
 
@@ -42,7 +42,7 @@ def test_upstream_train_step_smoke_ours_only():
     from benchmarks import upstream_train_step
 
     result = CliRunner().invoke(
-        upstream_train_step.main, ["--llm-size", "tiny", "--device", "cpu", "--frames", "20", "--steps", "3", "--warmup", "1", "--no-record"]
+        upstream_train_step.main, ["--llm-size", "tiny", "--device", "cpu", "--frames", "20", "--steps", "3", "--warmup", "1", "--pack-utterances", "--max-length", "256", "--no-record"]
     )
     assert result.exit_code == 0, result.output
     assert "| fs-pipeline step, eager |" in result.output

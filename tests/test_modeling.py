@@ -14,7 +14,7 @@ def codes_for(model, frames: int) -> torch.Tensor:
 
 def test_slow_forward_matches_fish_speech_inference(tiny_model_dir, cpu):
     model = load_llm(tiny_model_dir, cpu)
-    inputs, _ = training_example(model.tokenizer, "Hello there.", codes_for(model, 6), model.config.num_codebooks)
+    inputs, _ = training_example(model.tokenizer, [("Hello there.", codes_for(model, 6))], model.config.num_codebooks)
     with torch.inference_mode():
         ours, hidden = slow_forward(model, inputs[None])
         theirs = model.forward_generate(inputs[None])  # no KV cache: the whole prompt, last position out
@@ -40,7 +40,7 @@ def test_synthesis_prompt_is_the_training_sequence_up_to_the_audio(tiny_model_di
     model = load_llm(tiny_model_dir, cpu)
     text, n = "The weather is calm.", model.config.num_codebooks
     codes = codes_for(model, 5)
-    inputs, labels = training_example(model.tokenizer, text, codes, n)
+    inputs, labels = training_example(model.tokenizer, [(text, codes)], n)
     prompt = prompt_values(model.tokenizer, [(text, None)], n)
     assert torch.equal(inputs[:, : prompt.shape[1]], prompt)
     # right after the prompt come the frames: first semantic token, with its codes

@@ -62,8 +62,8 @@ def test_only_adapters_change(project, tiny_model_dir, cpu):
     assert params and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     for step in range(3):
-        inputs, labels, _ = train._batch(examples, step * 2, 2, 0, cpu.device)
-        forward(model, inputs, labels).loss.backward()
+        inputs, labels, frames, _ = train._batch(examples, step * 2, 2, 0, model, cpu.device)
+        forward(model, inputs, labels, frames).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         train.evaluate(model, examples[:2], 2, cpu)  # eval mode must not merge adapters into the weights
@@ -244,3 +244,35 @@ def test_memory_estimate_warns_with_a_batch_size_that_fits(tiny_model_dir, cpu, 
     (warning,) = messages
     suggested = int(str(warning).split("try --batch-size ")[1].split()[0])
     assert "estimated peak memory" in str(warning) and 1 <= suggested < 8
+
+
+def test_packed_rows_hold_each_utterance_once_within_the_length(project, tiny_model_dir, cpu):
+    model = train.prepare_model(tiny_model_dir, LoraSettings(), cpu)
+    path = project.data_dir / pack.TRAIN_FILE
+    single = train._examples(path, model, 2048)
+    packed = train._examples(path, model, 300, pack=True)
+    assert 1 < len(packed) < len(single)
+    assert all(x.shape[1] <= 300 for x, _ in packed)
+
+    def frames_and_ends(examples):  # every utterance's frames and closing <|im_end|> carry loss
+        return sum(int((y[0] != -100).sum()) for _, y in examples)
+
+    assert frames_and_ends(packed) == frames_and_ends(single)
+    im_end = model.tokenizer.get_token_id("<|im_end|>")
+    assert sum(int((y[0] == im_end).sum()) for _, y in packed) == len(single)
+    # a row continues one speaker: a new turn starts after each <|im_end|>, without another <|interleave|>
+    interleave = model.tokenizer.get_token_id("<|interleave|>")
+    assert all(int((x[0] == interleave).sum()) == 1 for x, _ in packed)
+
+
+def test_training_on_packed_rows(project, tiny_model_dir, cpu):
+    settings = train.TrainSettings(max_steps=20, checkpoint_every=20, pack_utterances=True, max_length=512,
+                                   **{**FAST, "batch_size": 2})
+    result = train.run(settings, tiny_model_dir, cpu, project)
+    history = losses(project)
+    assert result.step == 20 and sum(history[-5:]) / 5 < sum(history[:5]) / 5
+
+
+def test_max_length_beyond_the_model_is_refused(project, tiny_model_dir, cpu):
+    with pytest.raises(PipelineError, match="exceeds the model's max_seq_len 2048"):
+        train.run(train.TrainSettings(max_steps=1, max_length=4096), tiny_model_dir, cpu, project)

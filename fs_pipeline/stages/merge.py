@@ -157,7 +157,7 @@ def probe_batch(model) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed input: the probe sentence followed by seeded random frames."""
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(0, model.config.codebook_size, (model.config.num_codebooks, 16), generator=generator)
-    inputs, labels = training_example(model.tokenizer, PROBE_TEXT, codes, model.config.num_codebooks)
+    inputs, labels = training_example(model.tokenizer, [(PROBE_TEXT, codes)], model.config.num_codebooks)
     return inputs[None], labels[None]
 
 

@@ -27,11 +27,11 @@ from tqdm import tqdm
 from fs_pipeline import PipelineError, checkpoints
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.lora import LoraSettings, add_lora, load_lora_state, lora_state_dict, prepare_for_training
-from fs_pipeline.modeling import IGNORE, forward
+from fs_pipeline.modeling import IGNORE, forward, frame_index
 from fs_pipeline.models import ModelDir, build_llm, load_llm_weights, model_identity
 from fs_pipeline.packed import read_protos
 from fs_pipeline.project import Project
-from fs_pipeline.prompt import training_example
+from fs_pipeline.prompt import sequence_length, training_example
 from fs_pipeline.stages.pack import TRAIN_FILE, VAL_FILE
 
 
@@ -48,6 +48,7 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (fuses the many small LoRA and norm kernels)
     max_length: int | None = None  # default: the model's max_seq_len
+    pack_utterances: bool = False  # rows of several utterances of one speaker, up to max_length tokens
     checkpoint_every: int = 100
     val_every: int | None = None  # default: checkpoint_every
     keep_checkpoints: int = 5
@@ -73,6 +74,8 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     identity = model_identity(model_dir)
     ckpt_dir = project.dir / "checkpoints"
     max_length = settings.max_length or model_dir.config["max_seq_len"]
+    if max_length > model_dir.config["max_seq_len"]:
+        raise PipelineError(f"--max-length {max_length} exceeds the model's max_seq_len {model_dir.config['max_seq_len']}: pass at most that")
 
     resume = settings.resume_from or settings.warm_start_from
     payload = checkpoints.load(resume) if resume else None
@@ -86,8 +89,8 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
         for block in [*model.layers, *model.fast_layers]:
             block.compile()
 
-    train_examples = _examples(project.data_dir / TRAIN_FILE, model, max_length)
-    val_examples = _examples(project.data_dir / VAL_FILE, model, max_length)
+    train_examples = _examples(project.data_dir / TRAIN_FILE, model, max_length, settings.pack_utterances, settings.seed)
+    val_examples = _examples(project.data_dir / VAL_FILE, model, max_length, settings.pack_utterances, settings.seed)
     if not train_examples:
         raise PipelineError(f"{project.data_dir / TRAIN_FILE} holds no utterances: check the dataset and rerun --extract-tokens")
     estimate_memory(model, settings.batch_size, max(len(x[0][0]) for x in train_examples), lora, choice)
@@ -138,13 +141,14 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
             totals = {"loss": 0.0, "token_loss": 0.0, "codebook_loss": 0.0, "top5_accuracy": 0.0}
             tokens = 0
             for _ in range(settings.gradient_accumulation_steps):
-                inputs, labels, batch_tokens = _batch(train_examples, consumed, settings.batch_size, settings.seed, choice.device)
+                inputs, labels, frames, batch_tokens = _batch(train_examples, consumed, settings.batch_size, settings.seed, model, choice.device)
                 consumed += settings.batch_size
                 with choice.autocast():
-                    result = forward(model, inputs, labels, settings.gradient_checkpointing)
+                    result = forward(model, inputs, labels, frames, settings.gradient_checkpointing)
                 (result.loss / settings.gradient_accumulation_steps).backward()
-                for key in totals:
-                    totals[key] += getattr(result, key).item() / settings.gradient_accumulation_steps
+                values = torch.stack([getattr(result, key).float() for key in totals]).tolist()  # one wait for the GPU, not four
+                for key, value in zip(totals, values):
+                    totals[key] += value / settings.gradient_accumulation_steps
                 tokens += batch_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
@@ -208,15 +212,32 @@ def _lr_lambda(settings: TrainSettings):
     return factor
 
 
-def _examples(path: Path, model, max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _examples(path: Path, model, max_length: int, pack: bool = False, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One example per utterance, or with `pack`, rows of several utterances of one speaker (a seeded
+    shuffle of them, filled greedily up to max_length tokens); each truncated to max_length."""
     if not path.is_file():
         raise PipelineError(f"packed data not found: {path}: run --extract-tokens first")
-    examples = []
+    n = model.config.num_codebooks
+    rows = []
     for record in read_protos(path):
-        for sentence in record.sentences:
-            codes = torch.tensor([list(s.values) for s in sentence.semantics])
-            inputs, labels = training_example(model.tokenizer, sentence.texts[0], codes, model.config.num_codebooks)
-            examples.append((inputs[:, :max_length], labels[:, :max_length]))
+        turns = [(s.texts[0], torch.tensor([list(v.values) for v in s.semantics])) for s in record.sentences]
+        if not pack:
+            rows += [[turn] for turn in turns]
+            continue
+        random.Random(f"{seed}:{record.name}").shuffle(turns)
+        row, row_length = [], 0
+        for text, codes in turns:
+            length = sequence_length(model.tokenizer, text, codes.shape[1])
+            if row and row_length + length > max_length:
+                rows.append(row)
+                row, row_length = [], 0
+            row.append((text, codes))
+            row_length += length
+        rows += [row] if row else []
+    examples = []
+    for row in rows:
+        inputs, labels = training_example(model.tokenizer, row, n)
+        examples.append((inputs[:, :max_length], labels[:, :max_length]))
     return examples
 
 
@@ -227,17 +248,19 @@ def _order(count: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
-def _batch(examples, consumed: int, batch_size: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The batch after `consumed` examples of the endless stream of seeded per-epoch shuffles, and its
-    number of real (unpadded) positions."""
+def _batch(examples, consumed: int, batch_size: int, seed: int, model, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The batch after `consumed` examples of the endless stream of seeded per-epoch shuffles (see _pad),
+    and its number of real (unpadded) positions."""
     picks = []
     for position in range(consumed, consumed + batch_size):
         epoch, index = divmod(position, len(examples))
         picks.append(examples[_order(len(examples), epoch, seed)[index]])
-    return *_pad(picks, device), sum(x.shape[1] for x, _ in picks)
+    return *_pad(picks, model, device), sum(x.shape[1] for x, _ in picks)
 
 
-def _pad(picks, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(picks, model, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, labels, frame index) on `device`: examples right-padded to the longest, and the positions
+    the fast transformer runs at, found here on the CPU so that the GPU never waits for the host."""
     length = max(x.shape[1] for x, _ in picks)
     rows = picks[0][0].shape[0]
     inputs = torch.zeros(len(picks), rows, length, dtype=torch.long)
@@ -245,7 +268,8 @@ def _pad(picks, device) -> tuple[torch.Tensor, torch.Tensor]:
     for i, (x, y) in enumerate(picks):
         inputs[i, :, : x.shape[1]] = x
         labels[i, :, : y.shape[1]] = y
-    return inputs.to(device), labels.to(device)
+    frames = frame_index(model, labels)
+    return inputs.to(device), labels.to(device), frames.to(device)
 
 
 @torch.no_grad()
@@ -255,9 +279,9 @@ def evaluate(model, examples, batch_size: int, choice: DeviceChoice) -> float:
     model.eval()
     losses = []
     for start in range(0, len(examples), batch_size):
-        inputs, labels = _pad(examples[start : start + batch_size], choice.device)
+        inputs, labels, frames = _pad(examples[start : start + batch_size], model, choice.device)
         with choice.autocast():
-            losses.append(float(forward(model, inputs, labels).loss))
+            losses.append(float(forward(model, inputs, labels, frames).loss))
     model.train(was_training)
     return sum(losses) / len(losses)
 
