@@ -68,7 +68,7 @@ def test_default_checkpoint_is_the_best_and_manifest_says_so(merged):
     manifest = __import__("json").loads((result.merged_dir / "manifest.json").read_text())
     assert manifest["base_model"]["license"].startswith("CC-BY-NC-SA-4.0")
     assert manifest["merge_check"]["passed"] is True
-    assert manifest["lora_config"] == {"r": 8, "alpha": 16, "dropout": 0.01}
+    assert manifest["lora_config"] == {"r": 8, "alpha": 16, "dropout": 0.0}
     assert manifest["checkpoint"]["step"] in (4, 8) and len(manifest["data_sha256"]) == 64
 
 
@@ -128,6 +128,21 @@ def test_synthesis_wav_length_matches_frames(merged, cpu, tmp_path):
     info = sf.info(speech.path)
     assert 0 < speech.frames <= 40
     assert info.samplerate == model_dir.version.sample_rate and info.frames == speech.frames * 2048
+
+
+def test_sampling_is_seeded_in_range_and_leaves_the_global_rng_alone(merged, cpu):
+    result, _, _ = merged
+    model_dir = open_model_dir(result.merged_dir)
+    synthesizer = Synthesizer(model_dir, cpu)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = synthesizer.generate("Hello there.", SynthesisSettings(max_new_frames=30, seed=5))
+    assert torch.equal(torch.get_rng_state(), before)
+    again = synthesizer.generate("Hello there.", SynthesisSettings(max_new_frames=30, seed=5))
+    other = synthesizer.generate("Hello there.", SynthesisSettings(max_new_frames=30, seed=6))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.shape[0] == model_dir.num_codebooks and first.shape[1] > 0
+    assert first[0].max() < 64 and first[1:].max() < synthesizer.residual_size and first.min() >= 0
 
 
 def run_tts(args, cwd):

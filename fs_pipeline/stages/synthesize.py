@@ -47,9 +47,10 @@ class Synthesis:
 class Synthesizer:
     """A loaded model and codec, ready to speak any number of texts."""
 
-    def __init__(self, model_dir: ModelDir, choice: DeviceChoice, lora: Path | None = None, model=None):
+    def __init__(self, model_dir: ModelDir, choice: DeviceChoice, lora: Path | None = None, model=None, compile: bool = False):
         """Loads the model of `model_dir` (plus `lora` adapters), or speaks with `model`, one already in
-        memory (training uses this for its test clips)."""
+        memory (training uses this for its test clips). `compile` captures the per-frame step in CUDA
+        graphs (torch.compile): much faster frames after a slow first text."""
         self.model_dir, self.choice = model_dir, choice
         if model is not None:
             self.model = model
@@ -65,6 +66,8 @@ class Synthesizer:
         self.codec = load_codec(model_dir, choice)
         self.residual_size = int(model_dir.codec_cfg.quantizer.codebook_size)
         self.reference: list[tuple[str, torch.Tensor]] = []
+        self.fast_positions = torch.arange(self.model.config.num_codebooks, device=choice.device)
+        self._decode_step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile else self._step
 
     def set_reference(self, audio: Path, text: str) -> None:
         """Voice prompting: the model continues in the voice of this clip, whose transcript is `text`."""
@@ -100,7 +103,8 @@ class Synthesizer:
 
     @torch.inference_mode()
     def generate(self, text: str, settings: SynthesisSettings) -> torch.Tensor:
-        """Codes (num_codebooks, frames) for `text`."""
+        """Codes (num_codebooks, frames) for `text`. Sampling stays on the device: the only wait for it is
+        one look per frame at whether the model ended the utterance."""
         model, device = self.model, self.choice.device
         tokenizer, n = model.tokenizer, model.config.num_codebooks
         prompt = prompt_values(tokenizer, [*self.reference, (text, None)], n).to(device)
@@ -108,42 +112,59 @@ class Synthesizer:
         budget = min(settings.max_new_frames, model.config.max_seq_len - length - 1)
         if budget < 1:
             raise PipelineError(f"the prompt takes {length} tokens, the model's limit is {model.config.max_seq_len}: use a shorter text or reference")
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
-        with torch.device(device):  # the caches are created where this says
-            model.setup_caches(max_batch_size=1, max_seq_len=model.config.max_seq_len, dtype=next(model.parameters()).dtype)
+        self._ensure_caches()
+        sampling = (max(settings.temperature, 1e-5), settings.top_p)
         end_id = tokenizer.get_token_id("<|im_end|>")
-        allowed = torch.full((model.config.vocab_size,), float("-inf"), device=device)
-        allowed[tokenizer.semantic_begin_id : tokenizer.semantic_end_id + 1] = 0
-        allowed[end_id] = 0
-
-        with self.choice.autocast():
+        frames = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.choice.autocast():
+            torch.manual_seed(settings.seed)
             result = model.forward_generate(prompt[None], torch.arange(length, device=device))
-            frames = []
+            frame = self._next_frame(result.logits[0, -1], result.hidden_states[:, -1:], *sampling)
             for position in range(length, length + budget):
-                token = _sample(result.logits[0, -1].float() + allowed, settings, generator)
-                if token == end_id:
+                if int(frame[0]) == end_id:
                     break
-                frame = [token - tokenizer.semantic_begin_id]
-                hidden = result.hidden_states[:, -1:]
-                model.forward_generate_fast(hidden, torch.tensor([0], device=device))
-                x = model.fast_embeddings(torch.tensor([frame[0]], device=device))
-                for codebook in range(1, n):
-                    logits = model.forward_generate_fast(x, torch.tensor([codebook], device=device))
-                    frame.append(_sample(logits[0, 0, : self.residual_size].float(), settings, generator))
-                    x = model.fast_embeddings(torch.tensor([frame[-1]], device=device))
-                frames.append(frame)
-                step = torch.tensor([token, *frame], device=device)[None, :, None]
-                result = model.forward_generate(step, torch.tensor([position], device=device))
+                frames.append(frame.clone())  # a compiled step reuses its output buffer
+                if len(frames) < budget:
+                    frame = self._decode_step(frame, torch.tensor([position], device=device), *sampling)
         if not frames:
             return torch.zeros(n, 0, dtype=torch.long)
-        return torch.tensor(frames, dtype=torch.long).T
+        return torch.stack(frames)[:, 1:].T.cpu()
+
+    def _ensure_caches(self) -> None:
+        model = self.model
+        if model.layers[0].attention.kv_cache is None:
+            with torch.device(self.choice.device):  # the caches are created where this says
+                model.setup_caches(max_batch_size=1, max_seq_len=model.config.max_seq_len, dtype=next(model.parameters()).dtype)
+
+    def _step(self, frame: torch.Tensor, position: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+        """Feed `frame` at `position`, and sample the next frame."""
+        result = self.model.forward_generate(frame[None, :, None], position)
+        return self._next_frame(result.logits[0, -1], result.hidden_states[:, -1:], temperature, top_p)
+
+    def _next_frame(self, logits: torch.Tensor, hidden: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+        """(token id, code 0, .., code n-1) sampled from the slow transformer's last logits and hidden state.
+        The token is a semantic token or <|im_end|> (then the codes are meaningless); each code is one that
+        its codec codebook has."""
+        model, tokenizer = self.model, self.model.tokenizer
+        first, last = tokenizer.semantic_begin_id, tokenizer.semantic_end_id
+        end_id = tokenizer.get_token_id("<|im_end|>")
+        candidates = torch.cat([logits[first : last + 1], logits[end_id : end_id + 1]]).float()
+        pick = _sample(candidates, temperature, top_p)
+        token = torch.where(pick == last + 1 - first, end_id, first + pick)
+        codes = [pick.clamp(max=last - first)]
+        model.forward_generate_fast(hidden, self.fast_positions[:1])
+        for codebook in range(1, model.config.num_codebooks):
+            x = model.fast_embeddings(codes[-1][None])
+            logits = model.forward_generate_fast(x, self.fast_positions[codebook : codebook + 1])
+            codes.append(_sample(logits[0, 0, : self.residual_size].float(), temperature, top_p))
+        return torch.stack([token, *codes])
 
 
-def _sample(logits: torch.Tensor, settings: SynthesisSettings, generator: torch.Generator) -> int:
-    """Nucleus sampling at a temperature."""
-    probs = torch.softmax(logits / max(settings.temperature, 1e-5), dim=-1)
+def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Nucleus sampling at a temperature, on the device: the index drawn, as a 0-d tensor."""
+    probs = torch.softmax(logits / temperature, dim=-1)
     sorted_probs, order = probs.sort(descending=True)
-    keep = sorted_probs.cumsum(-1) - sorted_probs < settings.top_p  # always keeps the most likely one
-    sorted_probs = sorted_probs * keep
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-    return int(order[choice])
+    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely one
+    # the argmax of p / Exp(1) noise draws index i with probability p_i, with no wait for the host
+    choice = (sorted_probs * keep / torch.empty_like(sorted_probs).exponential_()).argmax()
+    return order[choice]
