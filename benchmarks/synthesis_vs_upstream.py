@@ -12,8 +12,9 @@ codec decode. Realtime factor = seconds of audio (frames / 21.5) per second of g
 Upstream's loop samples the slow token from the whole vocabulary and indexes the codebook embedding
 with it; with random weights it soon picks an id past the semantic range and trips a CUDA assert. So
 the model here has its vocabulary cut to the tokenizer's ids (about 4.4k instead of 155776), which
-makes the output head, and both loops, faster than at release size. On CUDA a third row runs ours with
---compile (its compilation is in the warm-up, not timed).
+makes the output head, and both loops, faster than at release size. On CUDA both also run compiled into CUDA
+graphs, upstream's decode step as its CLI compiles it with --compile, ours with --compile (compilation
+happens in the warm-up, not timed).
 """
 
 import shutil
@@ -60,7 +61,7 @@ def _fit_vocabulary_to_tokenizer(path: Path) -> None:
 @click.option("--device", default=None)
 @click.option("--no-record", is_flag=True)
 def main(llm_size, frames, device, no_record):
-    from fish_speech.models.text2semantic.inference import generate
+    from fish_speech.models.text2semantic.inference import decode_one_token_ar, generate
 
     choice = select_device(device)
     work = Path(tempfile.mkdtemp(prefix="fs-bench-synth-"))
@@ -74,17 +75,21 @@ def main(llm_size, frames, device, no_record):
         settings = SynthesisSettings(max_new_frames=frames)
         rows = []
 
-        def upstream_run(n):
-            with torch.inference_mode():
-                result = generate(model=model, prompt=prompt, max_new_tokens=n, audio_masks=None, audio_parts=None,
-                                  temperature=0.8, top_p=0.8, repetition_penalty=1.1)
-            return result.shape[1] - prompt.shape[1]
+        def upstream_run(decode_one_token):
+            def run(n):
+                with torch.inference_mode():
+                    result = generate(model=model, prompt=prompt, max_new_tokens=n, audio_masks=None, audio_parts=None,
+                                      decode_one_token=decode_one_token, temperature=0.8, top_p=0.8, repetition_penalty=1.1)
+                return result.shape[1] - prompt.shape[1]
+            return run
 
         def ours_run(speaker):
             return lambda n: speaker.generate(TEXT, SynthesisSettings(max_new_frames=n)).shape[1]
 
-        runs = [("upstream generate (eager)", upstream_run), ("fs-pipeline Synthesizer.generate (eager)", ours_run(synthesizer))]
-        if choice.type == "cuda":
+        runs = [("upstream generate (eager)", upstream_run(decode_one_token_ar)), ("fs-pipeline Synthesizer.generate (eager)", ours_run(synthesizer))]
+        if choice.type == "cuda":  # both compiled as upstream's CLI does with --compile
+            upstream_compiled = torch.compile(decode_one_token_ar, mode="reduce-overhead", fullgraph=True)
+            runs.append(("upstream generate (--compile, CUDA graphs)", upstream_run(upstream_compiled)))
             compiled = Synthesizer(model_dir, choice, model=model, compile=True)
             runs.append(("fs-pipeline Synthesizer.generate (--compile, CUDA graphs)", ours_run(compiled)))
         for name, run in runs:
