@@ -32,8 +32,6 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
               help="Encode every clip to semantic codes (<clip>.npy), then pack train/val data and the QA report into results/PROJECT/data/.")
 @click.option("--batch-size-extract", default=16, show_default=True, help="Clips per codec batch (clips of similar length are batched together).")
 @click.option("--num-workers-extract", default=4, show_default=True, help="DataLoader workers that decode and resample audio.")
-@click.option("--codec-bf16", is_flag=True,
-              help="Run the codec in bf16 where the device has it (faster on GPUs; a few codes differ from fp32's). Default: fp32, like fish-speech.")
 @click.option("--val-fraction", default=0.05, show_default=True, help="Share of each speaker's clips held out for validation.")
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the held-out split.")
 # train
@@ -147,7 +145,7 @@ def data_dir_of(flags) -> Path:
 
 
 def extract_settings(flags, data_dir: Path) -> extract.ExtractSettings:
-    return extract.ExtractSettings(data_dir, flags["batch_size_extract"], flags["num_workers_extract"], flags["codec_bf16"])
+    return extract.ExtractSettings(data_dir, flags["batch_size_extract"], flags["num_workers_extract"])
 
 
 def pack_settings(flags, data_dir: Path) -> pack.PackSettings:

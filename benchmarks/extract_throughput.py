@@ -9,8 +9,7 @@ it reads a sample-rate attribute the modded DAC lacks). Ours: fs_pipeline.stages
 by length, decoded in DataLoader workers. Both encode the same synthetic clips (2-20 s of noisy tones)
 with the same codec, loaded once beforehand, in the same run; the codec file's hash, which our first run
 computes once and later runs reuse, is taken before timing. --full-codec uses the release-size codec
-with random weights. On devices with bf16, a last row runs our extractor with --codec-bf16 and reports
-the share of codes equal to the fp32 run's.
+with random weights.
 """
 
 import shutil
@@ -93,23 +92,14 @@ def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chun
         synchronize(choice.device)
         upstream_rate = audio_seconds / (time.perf_counter() - start)
         rows.append((f"upstream approach (chunks of {upstream_chunk}, listing order, main-thread decode)", upstream_rate))
-        runs = [(int(b), False) for b in batch_sizes.split(",")]
-        if choice.dtype == torch.bfloat16:
-            runs.append((runs[-1][0], True))
-        for batch_size, bf16 in runs:
-            settings = extract.ExtractSettings(data, batch_size=batch_size, num_workers=num_workers, codec_bf16=bf16)
-            manifest = Manifest(work / f"manifest-{batch_size}-{bf16}.json")  # no records: every clip is extracted
+        for batch_size in [int(b) for b in batch_sizes.split(",")]:
+            settings = extract.ExtractSettings(data, batch_size=batch_size, num_workers=num_workers)
+            manifest = Manifest(work / f"manifest-{batch_size}.json")  # no records: every clip is extracted
             manifest.hash(model_dir.path / "codec.pth")  # a first run hashes the codec once (1-2 s at full size)
             start = time.perf_counter()
             extract.run(settings, model_dir, choice, manifest, codec)
             synchronize(choice.device)
-            rate = audio_seconds / (time.perf_counter() - start)
-            if bf16:
-                equal = np.mean([np.mean(np.load(wav.with_suffix(".npy")) == fp32_codes[wav]) for wav in fp32_codes])
-                rows.append((f"fs-pipeline, batch {batch_size}, {num_workers} workers, bf16 codec ({equal:.1%} of codes as in fp32)", rate))
-            else:
-                fp32_codes = {wav: np.load(wav.with_suffix(".npy")) for wav in data.rglob("*.wav")}
-                rows.append((f"fs-pipeline, batch {batch_size}, {num_workers} workers", rate))
+            rows.append((f"fs-pipeline, batch {batch_size}, {num_workers} workers", audio_seconds / (time.perf_counter() - start)))
 
         codec_name = "full-size S1-mini codec, random weights" if full_codec else "tiny codec"
         publish("Extraction throughput", choice.device, f"{clips} clips, {audio_seconds:.0f} s of audio, {codec_name}",

@@ -3,14 +3,11 @@
 Reads   <data_dir>/<speaker>/*.wav (each with a non-empty .lab, checked first), the base model's codec
 Writes  <clip>.npy next to each wav: int64 codes, shape (num_codebooks, frames); per-clip records
         (hashes and audio stats for the QA report) in the manifest's "extract" entry
-Skips   a clip whose audio hash, codec identity (with the precision it ran in) and .npy hash match its record
-
-The codec runs in fp32 by default, as fish-speech's own extractor does; --codec-bf16 runs it in bf16 on
-devices with bf16 (faster on GPUs; a small share of codes come out different, see benchmarks/RESULTS.md).
+Skips   a clip whose audio hash, codec identity and .npy hash match its record
 """
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +33,6 @@ class ExtractSettings:
     data_dir: Path
     batch_size: int = 16
     num_workers: int = 4
-    codec_bf16: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,8 +47,7 @@ def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, ma
     """Extract what is stale. `codec` is the loaded codec where the caller holds one; else it is loaded when needed."""
     started = time.perf_counter()
     clips = list_clips(settings.data_dir)
-    codec_choice = choice if settings.codec_bf16 else replace(choice, dtype=torch.float32)
-    codec_id = f"{codec_identity(model_dir, manifest.hash)}/{codec_choice.precision}"
+    codec_id = codec_identity(model_dir, manifest.hash)
     old_records = manifest.entry(STAGE).get("clips", {})
     records = {}
     todo = []
@@ -79,7 +74,7 @@ def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, ma
         progress = "{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, {rate_fmt}]"
         with tqdm(total=audio_seconds, unit="audio-s", desc="extract", bar_format=progress, dynamic_ncols=True) as bar:
             for indices, audio, lengths, stats in loader:
-                with torch.inference_mode(), codec_choice.autocast():
+                with torch.inference_mode():
                     codes, frames = codec.encode(audio.to(choice.device), lengths.to(choice.device))
                 for row, index in enumerate(indices):
                     clip = todo[index]
