@@ -167,4 +167,4 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Ten
     keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely one
     # the argmax of p / Exp(1) noise draws index i with probability p_i, with no wait for the host
     choice = (sorted_probs * keep / torch.empty_like(sorted_probs).exponential_()).argmax()
-    return order[choice]
+    return order.gather(0, choice.view(1)).squeeze(0)
