@@ -59,8 +59,10 @@ def _fit_vocabulary_to_tokenizer(path: Path) -> None:
 @click.option("--llm-size", type=click.Choice(["tiny", "s1-mini"]), default="s1-mini", show_default=True)
 @click.option("--frames", default=300, show_default=True)
 @click.option("--device", default=None)
+@click.option("--upstream-compile/--no-upstream-compile", default=True, show_default=True,
+              help="Also time upstream's compiled decode (its compilation takes minutes).")
 @click.option("--no-record", is_flag=True)
-def main(llm_size, frames, device, no_record):
+def main(llm_size, frames, upstream_compile, device, no_record):
     from fish_speech.models.text2semantic.inference import decode_one_token_ar, generate
 
     choice = select_device(device)
@@ -87,9 +89,10 @@ def main(llm_size, frames, device, no_record):
             return lambda n: speaker.generate(TEXT, SynthesisSettings(max_new_frames=n)).shape[1]
 
         runs = [("upstream generate (eager)", upstream_run(decode_one_token_ar)), ("fs-pipeline Synthesizer.generate (eager)", ours_run(synthesizer))]
-        if choice.type == "cuda":  # both compiled as upstream's CLI does with --compile
+        if choice.type == "cuda" and upstream_compile:  # compiled as upstream's CLI does with --compile
             upstream_compiled = torch.compile(decode_one_token_ar, mode="reduce-overhead", fullgraph=True)
             runs.append(("upstream generate (--compile, CUDA graphs)", upstream_run(upstream_compiled)))
+        if choice.type == "cuda":
             compiled = Synthesizer(model_dir, choice, model=model, compile=True)
             runs.append(("fs-pipeline Synthesizer.generate (--compile, CUDA graphs)", ours_run(compiled)))
         for name, run in runs:
@@ -101,6 +104,7 @@ def main(llm_size, frames, device, no_record):
             synchronize(choice.device)
             seconds = time.perf_counter() - started
             rows.append((name, made, seconds))
+            print(f"{name}: {made} frames in {seconds:.2f} s", flush=True)
         base = rows[0][1] / rows[0][2]
         publish("Synthesis vs upstream", choice.device,
                 f"{llm_size} LLM with random weights, vocabulary cut to the tokenizer's, {choice.precision}, one prompt, up to {frames} frames",
