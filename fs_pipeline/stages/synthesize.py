@@ -123,9 +123,10 @@ class Synthesizer:
             for position in range(length, length + budget):
                 if int(frame[0]) == end_id:
                     break
-                frames.append(frame.clone())  # a compiled step reuses its output buffer
+                frames.append(frame)
                 if len(frames) < budget:
-                    frame = self._decode_step(frame, torch.tensor([position], device=device), *sampling)
+                    # cloned: a CUDA-graph step's output buffer is overwritten by its next replay
+                    frame = self._decode_step(frame, torch.tensor([position], device=device), *sampling).clone()
         if not frames:
             return torch.zeros(n, 0, dtype=torch.long)
         return torch.stack(frames)[:, 1:].T.cpu()
