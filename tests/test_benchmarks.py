@@ -54,3 +54,11 @@ def test_synthesis_vs_upstream_smoke():
     result = CliRunner().invoke(synthesis_vs_upstream.main, ["--llm-size", "tiny", "--frames", "5", "--device", "cpu", "--no-record"])
     assert result.exit_code == 0, result.output
     assert "| upstream generate (eager) |" in result.output and "| fs-pipeline Synthesizer.generate (eager) |" in result.output
+
+
+def test_prep_throughput_asr_only_smoke(sample_dataset):
+    from benchmarks import prep_throughput
+
+    result = CliRunner().invoke(prep_throughput.main, ["--asr-only", str(sample_dataset), "--no-record", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "| faster-whisper | real tiny.en |" in result.output and "| openai-whisper |" in result.output
