@@ -53,8 +53,7 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
 
     model = train.prepare_model(model_dir, LoraSettings.from_name(settings.lora_config), choice)
     if settings.compile:
-        for block in [*model.layers, *model.fast_layers]:
-            block.compile()
+        train.compile_blocks(model)
     examples = train._examples(project.data_dir / TRAIN_FILE, model, settings.max_length, settings.pack_utterances)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
