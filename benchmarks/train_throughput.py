@@ -53,7 +53,8 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
 
     model = train.prepare_model(model_dir, LoraSettings.from_name(settings.lora_config), choice)
     if settings.compile:
-        train.compile_blocks(model)
+        for block in [*model.layers, *model.fast_layers]:
+            block.compile()
     examples = train._examples(project.data_dir / TRAIN_FILE, model, settings.max_length, settings.pack_utterances)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)

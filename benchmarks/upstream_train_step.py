@@ -100,10 +100,7 @@ def make_batches(model_dir, work: Path, batch_size: int, frames: int, steps: int
     for start in range(0, batch_size * steps, batch_size):
         picks = [examples[i % len(examples)] for i in range(start, start + batch_size)]
         inputs, labels, frame_index = train._pad(picks, shape, "cpu")
-        batch = {"inputs": inputs, "labels": labels, "frames": frame_index, "lengths": torch.tensor([x.shape[1] for x, _ in picks])}
-        if pack:  # ours pads packed rows to max_length, as the train stage does; upstream gets them padded to the longest
-            batch.update(zip(("padded_inputs", "padded_labels", "padded_frames"), train._pad(picks, shape, "cpu", max_length)))
-        batches.append(batch)
+        batches.append({"inputs": inputs, "labels": labels, "frames": frame_index, "lengths": torch.tensor([x.shape[1] for x, _ in picks])})
     return batches
 
 
@@ -114,16 +111,15 @@ def synchronize(choice) -> None:
 
 def ours(model_dir, batches, warmup: int, compile_blocks: bool, choice) -> dict:
     model = train.prepare_model(model_dir, LoraSettings.from_name("r_8_alpha_16"), choice)
-    if compile_blocks:  # as the train stage does: CUDA graphs for the slow blocks where rows are padded to one length
-        train.compile_blocks(model, cuda_graphs=choice.type == "cuda" and "padded_inputs" in batches[0])
+    if compile_blocks:
+        for block in [*model.layers, *model.fast_layers]:
+            block.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
 
     def step(batch) -> tuple[float, int]:
-        keys = ("padded_inputs", "padded_labels", "padded_frames") if "padded_inputs" in batch else ("inputs", "labels", "frames")
-        torch.compiler.cudagraph_mark_step_begin()
         with choice.autocast():
-            loss = forward(model, *(batch[key].to(choice.device) for key in keys)).loss
+            loss = forward(model, *(batch[key].to(choice.device) for key in ("inputs", "labels", "frames"))).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -85,11 +85,9 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)  # before the adapters are initialised
     model = prepare_model(model_dir, lora, choice, payload["lora"] if payload else None, resume)
-    # packed rows are padded to max_length, so the slow transformer sees one shape and can replay as CUDA graphs
-    cuda_graphs = settings.compile and settings.pack_utterances and choice.type == "cuda" and not settings.gradient_checkpointing
-    pad_to = max_length if settings.pack_utterances else None
     if settings.compile:
-        compile_blocks(model, cuda_graphs)
+        for block in [*model.layers, *model.fast_layers]:
+            block.compile()
 
     train_examples = _examples(project.data_dir / TRAIN_FILE, model, max_length, settings.pack_utterances, settings.seed)
     val_examples = _examples(project.data_dir / VAL_FILE, model, max_length, settings.pack_utterances, settings.seed)
@@ -143,10 +141,8 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
             totals = {"loss": 0.0, "token_loss": 0.0, "codebook_loss": 0.0, "top5_accuracy": 0.0}
             tokens = 0
             for _ in range(settings.gradient_accumulation_steps):
-                inputs, labels, frames, batch_tokens = _batch(train_examples, consumed, settings.batch_size, settings.seed, model,
-                                                              choice.device, pad_to)
+                inputs, labels, frames, batch_tokens = _batch(train_examples, consumed, settings.batch_size, settings.seed, model, choice.device)
                 consumed += settings.batch_size
-                torch.compiler.cudagraph_mark_step_begin()  # a new forward: earlier CUDA-graph outputs may be reused
                 with choice.autocast():
                     result = forward(model, inputs, labels, frames, settings.gradient_checkpointing)
                 (result.loss / settings.gradient_accumulation_steps).backward()
@@ -169,7 +165,7 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
                 metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             at_checkpoint = step % settings.checkpoint_every == 0 or step == settings.max_steps or stop.name
             if val_examples and (step % val_every == 0 or at_checkpoint):
-                val_loss = evaluate(model, val_examples, settings.batch_size, choice, pad_to)
+                val_loss = evaluate(model, val_examples, settings.batch_size, choice)
                 metrics["val_loss"] = val_loss
             log.write(metrics)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
@@ -192,17 +188,6 @@ def prepare_model(model_dir: ModelDir, lora: LoraSettings, choice: DeviceChoice,
         load_lora_state(model, lora_state, source)
     prepare_for_training(model, choice.device, choice.dtype)
     return model.train()
-
-
-def compile_blocks(model, cuda_graphs: bool = False) -> None:
-    """torch.compile every transformer block, fusing its many small norm, RoPE and LoRA kernels. With
-    `cuda_graphs` (inputs of one fixed shape), the slow transformer's blocks also replay as CUDA graphs,
-    which saves the host most of its kernel launches; the fast transformer's input varies with the
-    number of frames per batch, so its blocks are compiled only."""
-    for block in model.layers:
-        block.compile(mode="reduce-overhead" if cuda_graphs else None)
-    for block in model.fast_layers:
-        block.compile()
 
 
 def _check(settings: TrainSettings) -> None:
@@ -263,21 +248,20 @@ def _order(count: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
-def _batch(examples, consumed: int, batch_size: int, seed: int, model, device, pad_to: int | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _batch(examples, consumed: int, batch_size: int, seed: int, model, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """The batch after `consumed` examples of the endless stream of seeded per-epoch shuffles (see _pad),
     and its number of real (unpadded) positions."""
     picks = []
     for position in range(consumed, consumed + batch_size):
         epoch, index = divmod(position, len(examples))
         picks.append(examples[_order(len(examples), epoch, seed)[index]])
-    return *_pad(picks, model, device, pad_to), sum(x.shape[1] for x, _ in picks)
+    return *_pad(picks, model, device), sum(x.shape[1] for x, _ in picks)
 
 
-def _pad(picks, model, device, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, labels, frame index) on `device`: examples right-padded to `pad_to` or else the longest, and
-    the positions the fast transformer runs at, found here on the CPU so that the GPU never waits for the host."""
-    length = pad_to or max(x.shape[1] for x, _ in picks)
+def _pad(picks, model, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, labels, frame index) on `device`: examples right-padded to the longest, and the positions
+    the fast transformer runs at, found here on the CPU so that the GPU never waits for the host."""
+    length = max(x.shape[1] for x, _ in picks)
     rows = picks[0][0].shape[0]
     inputs = torch.zeros(len(picks), rows, length, dtype=torch.long)
     labels = torch.full((len(picks), rows, length), IGNORE, dtype=torch.long)
@@ -289,14 +273,13 @@ def _pad(picks, model, device, pad_to: int | None = None) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size: int, choice: DeviceChoice, pad_to: int | None = None) -> float:
+def evaluate(model, examples, batch_size: int, choice: DeviceChoice) -> float:
     """Mean loss over the held-out examples (weighted by batch)."""
     was_training = model.training
     model.eval()
     losses = []
     for start in range(0, len(examples), batch_size):
-        inputs, labels, frames = _pad(examples[start : start + batch_size], model, choice.device, pad_to)
-        torch.compiler.cudagraph_mark_step_begin()  # a new forward: earlier CUDA-graph outputs may be reused
+        inputs, labels, frames = _pad(examples[start : start + batch_size], model, choice.device)
         with choice.autocast():
             losses.append(float(forward(model, inputs, labels, frames).loss))
     model.train(was_training)
