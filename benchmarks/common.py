@@ -4,6 +4,7 @@ import platform
 import sys
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -43,6 +44,15 @@ def append_result(benchmark: str, device: torch.device, table: str, notes: str =
         section += ["", notes]
     with open(RESULTS, "a", encoding="utf-8") as f:
         f.write("\n".join(section) + "\n\n")
+
+
+def model_shape(model_dir) -> SimpleNamespace:
+    """A model's config and tokenizer without its weights: all that building training rows needs."""
+    from fish_speech.models.text2semantic.llama import BaseModelArgs
+    from fish_speech.tokenizer import FishTokenizer
+
+    return SimpleNamespace(config=BaseModelArgs.from_pretrained(str(model_dir.path / "config.json")),
+                           tokenizer=FishTokenizer.from_pretrained(str(model_dir.path)))
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -14,15 +14,12 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import click
 import numpy as np
 import torch
-from fish_speech.models.text2semantic.llama import BaseModelArgs
-from fish_speech.tokenizer import FishTokenizer
 
-from benchmarks.common import append_result, peak_flops, publish, training_flops
+from benchmarks.common import append_result, model_shape, peak_flops, publish, training_flops
 from fs_pipeline.device import select_device
 from fs_pipeline.modeling import frame_index
 from fs_pipeline.models import open_model_dir
@@ -53,8 +50,7 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
 
     model = train.prepare_model(model_dir, LoraSettings.from_name(settings.lora_config), choice)
     if settings.compile:
-        for block in [*model.layers, *model.fast_layers]:
-            block.compile()
+        train.compile_blocks(model)
     examples = train._examples(project.data_dir / TRAIN_FILE, model, settings.max_length, settings.pack_utterances)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
@@ -88,12 +84,11 @@ def model_flops_utilization(settings, model_dir, project, choice, tokens_per_sec
     """MFU at this rate, from the FLOPs per real position of the training rows (see common.training_flops)."""
     from fs_pipeline.lora import LoraSettings
 
-    config = BaseModelArgs.from_pretrained(str(model_dir.path / "config.json"))
-    shape = SimpleNamespace(config=config, tokenizer=FishTokenizer.from_pretrained(str(model_dir.path)))  # all _examples reads
+    shape = model_shape(model_dir)
     examples = train._examples(project.data_dir / TRAIN_FILE, shape, settings.max_length, settings.pack_utterances)
     lengths = [x.shape[1] for x, _ in examples]
     frames = sum(len(frame_index(shape, y[None])) for _, y in examples)
-    flops_per_position = training_flops(config, lengths, frames, LoraSettings.from_name(settings.lora_config).r) / sum(lengths)
+    flops_per_position = training_flops(shape.config, lengths, frames, LoraSettings.from_name(settings.lora_config).r) / sum(lengths)
     peak = peak_flops(choice.device)
     if peak is None:
         return "n/a"

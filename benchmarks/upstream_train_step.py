@@ -22,14 +22,11 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import click
 import torch
-from fish_speech.models.text2semantic.llama import BaseModelArgs
-from fish_speech.tokenizer import FishTokenizer
 
-from benchmarks.common import peak_flops, publish, training_flops
+from benchmarks.common import model_shape, peak_flops, publish, training_flops
 from benchmarks.train_throughput import synthetic_utterances
 from fs_pipeline.device import select_device
 from fs_pipeline.lora import LoraSettings
@@ -86,12 +83,9 @@ UPSTREAM_STEP = textwrap.dedent(
 )
 
 
-def make_batches(model_dir, work: Path, batch_size: int, frames: int, steps: int, pack: bool, max_length: int) -> list[dict]:
+def make_batches(model_dir, shape, work: Path, batch_size: int, frames: int, steps: int, pack: bool, max_length: int) -> list[dict]:
     """`steps` batches of synthetic utterances of `frames` frames, one per row or packed into rows of up
     to max_length tokens, made by the train stage's own code."""
-
-    shape = SimpleNamespace(config=BaseModelArgs.from_pretrained(str(model_dir.path / "config.json")),
-                            tokenizer=FishTokenizer.from_pretrained(str(model_dir.path)))  # all _examples reads
     per_row = max(1, max_length // (frames + 40)) if pack else 1
     data = work / "train.protos"
     write_protos(data, [speaker_message("spk", "synthetic", list(synthetic_utterances(model_dir, batch_size * steps * per_row, frames)))])
@@ -112,8 +106,7 @@ def synchronize(choice) -> None:
 def ours(model_dir, batches, warmup: int, compile_blocks: bool, choice) -> dict:
     model = train.prepare_model(model_dir, LoraSettings.from_name("r_8_alpha_16"), choice)
     if compile_blocks:
-        for block in [*model.layers, *model.fast_layers]:
-            block.compile()
+        train.compile_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
 
@@ -167,7 +160,8 @@ def main(upstream, llm_size, batch_size, frames, steps, warmup, pack_utterances,
         torch.save(state, path / "model.pth")
         model_dir = open_model_dir(path)
         max_length = max_length or min(4096, model_dir.config["max_seq_len"])
-        batches = make_batches(model_dir, work, batch_size, frames, steps, pack_utterances, max_length)
+        shape = model_shape(model_dir)
+        batches = make_batches(model_dir, shape, work, batch_size, frames, steps, pack_utterances, max_length)
         torch.save(batches, work / "batches.pt")
 
         rows = []
@@ -182,7 +176,7 @@ def main(upstream, llm_size, batch_size, frames, steps, warmup, pack_utterances,
             rows.append(("fs-pipeline step, --compile", ours(model_dir, batches, warmup, True, choice)))
         base = rows[0][1]["tokens_per_second"]
         timed = batches[warmup:]
-        flops = training_flops(BaseModelArgs.from_pretrained(str(path / "config.json")), [int(n) for b in timed for n in b["lengths"]],
+        flops = training_flops(shape.config, [int(n) for b in timed for n in b["lengths"]],
                                sum(len(b["frames"]) for b in timed), 8) / sum(int(b["lengths"].sum()) for b in timed)
         peak = peak_flops(choice.device)
         rows_of = f"rows of up to {max_length} tokens (packed utterances)" if pack_utterances else f"~{frames + 40} tokens"

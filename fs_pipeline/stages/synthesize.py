@@ -67,6 +67,7 @@ class Synthesizer:
         self.residual_size = int(model_dir.codec_cfg.quantizer.codebook_size)
         self.reference: list[tuple[str, torch.Tensor]] = []
         self.fast_positions = torch.arange(self.model.config.num_codebooks, device=choice.device)
+        self.end_id = self.model.tokenizer.get_token_id("<|im_end|>")
         self._decode_step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile else self._step
 
     def set_reference(self, audio: Path, text: str) -> None:
@@ -114,14 +115,13 @@ class Synthesizer:
             raise PipelineError(f"the prompt takes {length} tokens, the model's limit is {model.config.max_seq_len}: use a shorter text or reference")
         self._ensure_caches()
         sampling = (max(settings.temperature, 1e-5), settings.top_p)
-        end_id = tokenizer.get_token_id("<|im_end|>")
         frames = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.choice.autocast():
             torch.manual_seed(settings.seed)
             result = model.forward_generate(prompt[None], torch.arange(length, device=device))
             frame = self._next_frame(result.logits[0, -1], result.hidden_states[:, -1:], *sampling)
             for position in range(length, length + budget):
-                if int(frame[0]) == end_id:
+                if int(frame[0]) == self.end_id:
                     break
                 frames.append(frame)
                 if len(frames) < budget:
@@ -147,8 +147,7 @@ class Synthesizer:
         The token is a semantic token or <|im_end|> (then the codes are meaningless); each code is one that
         its codec codebook has."""
         model, tokenizer = self.model, self.model.tokenizer
-        first, last = tokenizer.semantic_begin_id, tokenizer.semantic_end_id
-        end_id = tokenizer.get_token_id("<|im_end|>")
+        first, last, end_id = tokenizer.semantic_begin_id, tokenizer.semantic_end_id, self.end_id
         candidates = torch.cat([logits[first : last + 1], logits[end_id : end_id + 1]]).float()
         pick = _sample(candidates, temperature, top_p)
         token = torch.where(pick == last + 1 - first, end_id, first + pick)

@@ -86,8 +86,7 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     torch.manual_seed(settings.seed)  # before the adapters are initialised
     model = prepare_model(model_dir, lora, choice, payload["lora"] if payload else None, resume)
     if settings.compile:
-        for block in [*model.layers, *model.fast_layers]:
-            block.compile()
+        compile_blocks(model)
 
     train_examples = _examples(project.data_dir / TRAIN_FILE, model, max_length, settings.pack_utterances, settings.seed)
     val_examples = _examples(project.data_dir / VAL_FILE, model, max_length, settings.pack_utterances, settings.seed)
@@ -188,6 +187,12 @@ def prepare_model(model_dir: ModelDir, lora: LoraSettings, choice: DeviceChoice,
         load_lora_state(model, lora_state, source)
     prepare_for_training(model, choice.device, choice.dtype)
     return model.train()
+
+
+def compile_blocks(model) -> None:
+    """torch.compile every transformer block, fusing its many small norm, RoPE and LoRA kernels."""
+    for block in [*model.layers, *model.fast_layers]:
+        block.compile()
 
 
 def _check(settings: TrainSettings) -> None:
