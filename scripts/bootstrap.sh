@@ -53,7 +53,7 @@ ensure_poetry() {
 
 install_python_packages() {
   say "installing Python packages (poetry install; first run downloads torch, about 3 GB)"
-  "$POETRY" install --no-interaction --quiet
+  "$POETRY" install --no-interaction  # not --quiet: it hides the error too
   # fish-speech and the descript codec packages declare deps that can't be installed cleanly
   # (pyaudio, gradio, protobuf<3.20, ...); pyproject.toml lists what their code really imports.
   "$POETRY" run python -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements-nodeps.txt
