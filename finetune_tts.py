@@ -31,6 +31,8 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--extract-tokens", is_flag=True,
               help="Encode every clip to semantic codes (<clip>.npy), then pack train/val data and the QA report into results/PROJECT/data/.")
 @click.option("--batch-size-extract", default=16, show_default=True, help="Clips per codec batch (clips of similar length are batched together).")
+@click.option("--batch-seconds-extract", default=240.0, show_default=True,
+              help="Most audio seconds per codec batch, counting padding to its longest clip; lower it if extraction runs out of GPU memory.")
 @click.option("--num-workers-extract", default=4, show_default=True, help="DataLoader workers that decode and resample audio.")
 @click.option("--val-fraction", default=0.05, show_default=True, help="Share of each speaker's clips held out for validation.")
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the held-out split.")
@@ -145,7 +147,7 @@ def data_dir_of(flags) -> Path:
 
 
 def extract_settings(flags, data_dir: Path) -> extract.ExtractSettings:
-    return extract.ExtractSettings(data_dir, flags["batch_size_extract"], flags["num_workers_extract"])
+    return extract.ExtractSettings(data_dir, flags["batch_size_extract"], flags["batch_seconds_extract"], flags["num_workers_extract"])
 
 
 def pack_settings(flags, data_dir: Path) -> pack.PackSettings:

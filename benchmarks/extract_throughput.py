@@ -99,7 +99,7 @@ def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chun
             start = time.perf_counter()
             extract.run(settings, model_dir, choice, manifest, codec)
             synchronize(choice.device)
-            rows.append((f"fs-pipeline, batch {batch_size}, {num_workers} workers", audio_seconds / (time.perf_counter() - start)))
+            rows.append((f"fs-pipeline, batch {batch_size} (at most {settings.max_batch_seconds:.0f} audio-s), {num_workers} workers", audio_seconds / (time.perf_counter() - start)))
 
         codec_name = "full-size S1-mini codec, random weights" if full_codec else "tiny codec"
         publish("Extraction throughput", choice.device, f"{clips} clips, {audio_seconds:.0f} s of audio, {codec_name}",

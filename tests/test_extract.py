@@ -5,6 +5,7 @@ import pytest
 import soundfile as sf
 
 from fs_pipeline import PipelineError
+from fs_pipeline.dataset import Clip
 from fs_pipeline.manifest import Manifest
 from fs_pipeline.models import open_model_dir
 from fs_pipeline.stages import extract
@@ -39,6 +40,13 @@ def test_batched_equals_one_at_a_time(dataset, tiny_model_dir, cpu, tmp_path):
     assert batched.keys() == single.keys() and len(single) == 6
     for name in single:
         np.testing.assert_array_equal(batched[name], single[name])
+
+
+def test_batches_group_similar_lengths_within_count_and_seconds(tmp_path):
+    seconds = {"a": 5.0, "b": 1.0, "c": 30.0, "d": 2.0, "e": 9.0, "f": 3.0, "g": 300.0}
+    clips = [Clip(tmp_path / f"{k}.wav", "speaker", k) for k in seconds]
+    batches = extract._batches_by_length(clips, seconds, batch_size=3, max_seconds=20.0)
+    assert [[clips[i].key for i in batch] for batch in batches] == [["b", "d", "f"], ["a", "e"], ["c"], ["g"]]
 
 
 def test_rerun_skips_and_changed_clip_is_redone(dataset, tiny_model_dir, cpu, tmp_path):

@@ -32,6 +32,7 @@ FULL_SCALE = 0.999  # samples at or above this magnitude count as clipped
 class ExtractSettings:
     data_dir: Path
     batch_size: int = 16
+    max_batch_seconds: float = 240.0  # padded audio per codec batch: bounds GPU memory when clips are long
     num_workers: int = 4
 
 
@@ -64,7 +65,7 @@ def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, ma
         audio_seconds = sum(durations.values())
         logger.info(f"extracting codes for {len(todo)} clips ({audio_seconds / 60:.1f} min of audio); {len(records)} up to date")
         codec = codec or load_codec(model_dir, choice)
-        batches = _batches_by_length(todo, durations, settings.batch_size)
+        batches = _batches_by_length(todo, durations, settings.batch_size, settings.max_batch_seconds)
         loader = torch.utils.data.DataLoader(
             _ClipAudio(todo, model_dir.version.sample_rate),
             batch_sampler=batches,
@@ -122,10 +123,19 @@ def _durations(clips: list[Clip], data_dir: Path) -> dict[str, float]:
     return durations
 
 
-def _batches_by_length(clips: list[Clip], durations: dict[str, float], batch_size: int) -> list[list[int]]:
-    """Indices into `clips`, grouped so that clips of similar length share a batch (little padding)."""
+def _batches_by_length(clips: list[Clip], durations: dict[str, float], batch_size: int, max_seconds: float) -> list[list[int]]:
+    """Indices into `clips`, grouped so that clips of similar length share a batch (little padding). A batch
+    holds at most `batch_size` clips and, padded to its longest, at most `max_seconds` of audio; a clip
+    longer than that goes alone."""
     order = sorted(range(len(clips)), key=lambda i: (durations[clips[i].key], clips[i].key))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:  # ascending, so clip i is the longest of any batch it joins
+        batch = batches[-1] if batches else None
+        if batch and len(batch) < batch_size and (len(batch) + 1) * durations[clips[i].key] <= max_seconds:
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 class _ClipAudio(torch.utils.data.Dataset):
