@@ -188,9 +188,13 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(cli_project):
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     metrics = cwd / "results" / "p" / "logs" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    deadline = time.time() + 300  # generous: on a loaded 2-core machine extraction and packing come first
+    while proc.poll() is None and time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
+    if proc.poll() is not None or time.time() >= deadline:  # interrupting before training began tests nothing
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"training did not reach step 3 (exit {proc.returncode})\nstdout: {out[-2000:]}\nstderr: {err[-3000:]}")
     os.kill(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, f"exit {proc.returncode}\nstdout: {out[-2000:]}\nstderr: {err[-3000:]}"
