@@ -10,7 +10,7 @@ def test_extract_throughput_smoke():
         extract_throughput.main, ["--clips", "3", "--max-seconds", "3", "--batch-sizes", "2", "--num-workers", "0", "--no-record", "--device", "cpu"]
     )
     assert result.exit_code == 0, result.output
-    assert "| upstream approach" in result.output and "| fs-pipeline, batch 2, 0 workers |" in result.output
+    assert "| upstream approach" in result.output and "| fs-pipeline, batch 2 (at most 240 audio-s), 0 workers |" in result.output
 
 
 def test_train_throughput_smoke():
