@@ -7,8 +7,9 @@ order in chunks of up to 64 padded to the longest, each file decoded on the main
 chunk is encoded. Re-implemented here from that description (its own script fails on the S1-mini codec,
 it reads a sample-rate attribute the modded DAC lacks). Ours: fs_pipeline.stages.extract, clips batched
 by length, decoded in DataLoader workers. Both encode the same synthetic clips (2-20 s of noisy tones)
-with the same codec, loaded once beforehand, in the same run; the codec file's hash, which our first run
-computes once and later runs reuse, is taken before timing. --full-codec uses the release-size codec
+with the same codec weights, loaded once beforehand, in the same run (upstream with the library's own
+layers, ours as load_codec gives it); the codec file's hash, which our first run computes once and later
+runs reuse, is taken before timing. --full-codec uses the release-size codec
 with random weights.
 """
 
@@ -26,7 +27,7 @@ from benchmarks.common import publish
 from fs_pipeline.audio.io import read_wav
 from fs_pipeline.device import select_device
 from fs_pipeline.manifest import Manifest
-from fs_pipeline.models import load_codec, open_model_dir
+from fs_pipeline.models import build_codec, load_codec, open_model_dir
 from fs_pipeline.stages import extract
 from fs_pipeline.tiny_model import write_tiny_model
 
@@ -83,12 +84,15 @@ def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chun
         data = work / "data"
         audio_seconds = write_clips(data, clips, model_dir.version.sample_rate, max_seconds)
         codec = load_codec(model_dir, choice)
-        upstream_style(data, codec, choice.device, model_dir.version.sample_rate, upstream_chunk)  # warm-up
+        # upstream runs the library's own layers (off CUDA, load_codec swaps in faster Snake activations)
+        upstream_codec = build_codec(model_dir.codec_cfg).to(choice.device).eval()
+        upstream_codec.load_state_dict(codec.state_dict())
+        upstream_style(data, upstream_codec, choice.device, model_dir.version.sample_rate, upstream_chunk)  # warm-up
         synchronize(choice.device)
 
         rows = []
         start = time.perf_counter()
-        upstream_style(data, codec, choice.device, model_dir.version.sample_rate, upstream_chunk)
+        upstream_style(data, upstream_codec, choice.device, model_dir.version.sample_rate, upstream_chunk)
         synchronize(choice.device)
         upstream_rate = audio_seconds / (time.perf_counter() - start)
         rows.append((f"upstream approach (chunks of {upstream_chunk}, listing order, main-thread decode)", upstream_rate))

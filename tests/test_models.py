@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fs_pipeline import PipelineError
-from fs_pipeline.models import build_llm, load_codec, load_llm, model_identity, open_model_dir
+from fs_pipeline.models import InPlaceSnake, build_codec, build_llm, load_codec, load_llm, model_identity, open_model_dir
 
 
 def logits_of(llm) -> torch.Tensor:
@@ -51,6 +51,23 @@ def test_codec_round_trip_shapes(tiny_model_dir, cpu):
     assert codes.shape[:2] == (2, tiny_model_dir.num_codebooks)
     assert lengths.tolist() == [codes.shape[2], (codes.shape[2] + 1) // 2]
     assert decoded.shape[-1] == codes.shape[2] * codec.frame_length
+
+
+def test_in_place_snakes_give_the_library_codecs_values_exactly(tiny_model_dir, cpu):
+    from dac.nn.layers import Snake1d
+
+    codec = load_codec(tiny_model_dir, cpu)
+    assert any(isinstance(m, InPlaceSnake) for m in codec.modules())
+    assert not any(isinstance(m, Snake1d) for m in codec.modules())
+    library = build_codec(tiny_model_dir.codec_cfg).eval()
+    library.load_state_dict(codec.state_dict())  # same keys: alpha stays where it was
+    rate = tiny_model_dir.version.sample_rate
+    audio, lengths = 0.3 * torch.randn(2, 1, rate), torch.tensor([rate, rate // 2])
+    with torch.inference_mode():
+        codes, frames = codec.encode(audio, lengths)
+        library_codes, library_frames = library.encode(audio, lengths)
+        assert torch.equal(codes, library_codes) and torch.equal(frames, library_frames)
+        assert torch.equal(codec.decode(codes, frames)[0], library.decode(codes, frames)[0])
 
 
 def test_missing_tokenizer_is_named(tiny_model_copy):
