@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 POETRY_VERSION=2.5.1
+FIRST_INSTALL_GB=6  # .venv measured at 5.3-5.6 GB, most of it torch's CUDA build
 APT_PACKAGES=(ffmpeg espeak-ng sox)
 POETRY_HOME_DIR="${XDG_DATA_HOME:-$HOME/.local/share}/fs-pipeline/poetry"
 
@@ -51,6 +52,17 @@ ensure_poetry() {
   export POETRY_PYPI_MIRROR_URL
 }
 
+# A full disk makes the install fail partway with little to show for it, so check first.
+check_disk_space() {
+  [ -d .venv ] && return
+  local free_gb
+  free_gb=$(df -Pk . | awk 'NR == 2 {print int($4 / 1024 / 1024)}')
+  if [ "$free_gb" -lt "$FIRST_INSTALL_GB" ]; then
+    say "only $free_gb GB free on the disk of $(pwd); the first install needs about $FIRST_INSTALL_GB GB for .venv: free some space, then rerun"
+    exit 1
+  fi
+}
+
 install_python_packages() {
   say "installing Python packages (poetry install; first run downloads torch, about 3 GB)"
   "$POETRY" install --no-interaction  # not --quiet: it hides the error too
@@ -60,6 +72,7 @@ install_python_packages() {
 }
 
 install_system_packages
+check_disk_space
 ensure_poetry
 install_python_packages
 
