@@ -213,8 +213,8 @@ def build_codec(codec_cfg):
 
 
 def load_codec(model_dir: ModelDir, choice: DeviceChoice):
-    """The codec with its release weights, in eval mode, for inference only. It runs in fp32: it is small
-    next to the LLM, and its quantizer's nearest-codeword search is sensitive to rounding."""
+    """The codec with its release weights, in eval mode. It runs in fp32: it is small next to the LLM,
+    and its quantizer's nearest-codeword search is sensitive to rounding."""
     codec = build_codec(model_dir.codec_cfg)
     file = model_dir.path / "codec.pth"
     state = _read_state_dict(file)
@@ -229,8 +229,7 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
 class InPlaceSnake(torch.nn.Module):
     """dac's Snake1d activation, x + sin(alpha * x)^2 / alpha, computed in one temporary. The library's
     TorchScript version allocates a tensor per op wherever TorchScript doesn't fuse it (CPU, MPS); this
-    gives the same values bit for bit, with the codec's encode 1.14x and decode 1.4x faster on CPU.
-    Inference only: the in-place ops can't be differentiated."""
+    gives the same values bit for bit, with the codec's encode 1.14x and decode 1.4x faster on CPU."""
 
     def __init__(self, alpha: torch.nn.Parameter):
         super().__init__()
