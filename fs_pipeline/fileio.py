@@ -14,9 +14,19 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path) -> None:
+    """Flush a file's content, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temp path in `path`'s directory; on success it is renamed onto `path`, on error removed."""
+    """Yield a temp path in `path`'s directory; on success it is renamed onto `path`, on error removed.
+    Durable: after a crash or power cut `path` holds its old content or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,10 +34,15 @@ def atomic_path(path: Path):
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it the usual mode
     try:
         yield Path(tmp)
+        # The content must be on disk before the rename is, or a power cut can leave `path` empty.
+        # Opened by name because the body wrote through its own file objects.
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # The rename lives in the directory: until the directory is synced it can be lost.
+    _fsync(path.parent)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
