@@ -8,12 +8,15 @@ A base model is a directory in the layout of Fish Audio's releases:
     special_tokens.json    special token -> id
     codec.pth              codec weights
     codec_config.yaml      optional: the codec's hydra config, when it differs from the version's default
+                           (untrusted: only the version's codec classes are built from it)
 
 Real releases (e.g. openaudio-s1-mini) and the tiny kit from `fs_pipeline.tiny_model` load through the
 same code below.
 """
 
+import functools
 import hashlib
+import importlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -32,6 +35,11 @@ class ModelVersion:
     name: str
     model_type: str  # config.json's model_type
     codec_config: str  # hydra config in fish_speech/configs, used unless the model dir has codec_config.yaml
+    # The only classes a codec config may build (its `_target_`s). A model folder comes from the internet and
+    # a `_target_` can name any callable, so these are exactly the classes of the version's own codec config.
+    codec_classes: frozenset[str]
+    # Those of them a config may pass on uncalled (`_partial_: true`), for the codec to call with its sizes.
+    codec_partial_classes: frozenset[str]
     sample_rate: int  # the codec's input rate: prepare resamples audio to it
     license: str
 
@@ -41,6 +49,13 @@ MODEL_VERSIONS = {
         name="s1-mini",
         model_type="dual_ar",
         codec_config="modded_dac_vq",
+        codec_classes=frozenset({
+            "fish_speech.models.dac.modded_dac.DAC",
+            "fish_speech.models.dac.rvq.DownsampleResidualVectorQuantize",
+            "fish_speech.models.dac.modded_dac.WindowLimitedTransformer",
+            "fish_speech.models.dac.modded_dac.ModelArgs",
+        }),
+        codec_partial_classes=frozenset({"fish_speech.models.dac.modded_dac.ModelArgs"}),
         sample_rate=44100,
         license="CC-BY-NC-SA-4.0 (Fish Audio openaudio-s1-mini weights: non-commercial use only)",
     ),
@@ -68,7 +83,8 @@ class ModelDir:
     version: ModelVersion
     config: dict
     weights_file: Path
-    codec_cfg: object  # OmegaConf node
+    codec_cfg: object  # OmegaConf node, checked and resolved (see _checked_codec_tree)
+    codec_config_file: Path  # where codec_cfg comes from: the folder's own codec_config.yaml or the package's
 
     @property
     def num_codebooks(self) -> int:
@@ -87,11 +103,105 @@ def package_codec_config(version: ModelVersion) -> Path:
     return Path(list(fish_speech.__path__)[0]) / "configs" / f"{version.codec_config}.yaml"
 
 
-def _load_codec_cfg(path: Path, version: ModelVersion):
-    from omegaconf import OmegaConf
-
+def _codec_config_file(path: Path, version: ModelVersion) -> Path:
     own = path / CODEC_CONFIG_FILE
-    return OmegaConf.load(own if own.exists() else package_codec_config(version))
+    return own if own.exists() else package_codec_config(version)
+
+
+_FIX_OR_DELETE = "fix it, or delete it to use the model version's default codec config"
+# For a codec config that names what it may not: the folder may have been made to run code.
+_UNTRUSTED = f"don't use a model folder you don't trust; if you wrote this file yourself, {_FIX_OR_DELETE}"
+
+
+def _load_codec_cfg(file: Path, version: ModelVersion):
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.load(file)  # a safe YAML loader: python tags are refused, not constructed
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{file} is not valid YAML ({' '.join(str(e).split())}): {_FIX_OR_DELETE}") from e
+    except OmegaConfBaseException as e:  # a malformed ${...}
+        raise PipelineError(f"{file}: {e.full_key}: {str(e).splitlines()[0]}: {_FIX_OR_DELETE}") from e
+    return OmegaConf.create(_checked_codec_tree(cfg, version, file))
+
+
+def _checked_codec_tree(cfg, version: ModelVersion, source: Path | str) -> dict:
+    """`cfg` (an OmegaConf node) resolved to plain dicts and lists, once it is known to build only `version`'s
+    codec classes. A model folder's codec config is untrusted input, so nothing in it may call anything else:
+    no OmegaConf resolver (fish-speech registers `eval` as one), no `_target_` outside the allowlist, no
+    `_target_` inside a list, and none of hydra's other underscore keys. Raises PipelineError naming `source`
+    and the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not OmegaConf.is_dict(cfg):
+        raise PipelineError(f"{source} is not a mapping of keys to values: {_FIX_OR_DELETE}")
+    _refuse_resolvers(OmegaConf.to_container(cfg), source, key="")
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)  # safe now: interpolations can only copy other keys
+    except OmegaConfBaseException as e:
+        raise PipelineError(f"{source}: {e.full_key}: cannot resolve its interpolation ({str(e).splitlines()[0]}): "
+                            f"{_FIX_OR_DELETE}") from e
+    if "_target_" not in tree:
+        raise PipelineError(f"{source} names no codec class (_target_): {_FIX_OR_DELETE}")
+    _check_codec_node(tree, version, source, key="", in_list=False)
+    return tree
+
+
+def _refuse_resolvers(node, source, key: str) -> None:
+    from omegaconf import grammar_parser
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+
+    if isinstance(node, dict | list):
+        for k, v in node.items() if isinstance(node, dict) else enumerate(node):
+            _refuse_resolvers(v, source, _key_path(key, k, isinstance(node, list)))
+    elif isinstance(node, str) and "${" in node:  # OmegaConf parses exactly these strings as interpolations
+        # with the parser OmegaConf resolves with; OmegaConf checked the syntax when it made the node
+        nodes = [grammar_parser.parse(node)]
+        while nodes:
+            tree = nodes.pop()
+            if isinstance(tree, OmegaConfGrammarParser.InterpolationResolverContext):
+                raise PipelineError(f"{source}: {key} {node!r} calls the resolver '{tree.resolverName().getText()}', "
+                                    f"and a codec config may only refer to its own keys (${{key}}); {_UNTRUSTED}")
+            nodes.extend(getattr(tree, "children", None) or ())
+
+
+def _check_codec_node(node, version: ModelVersion, source, key: str, in_list: bool) -> None:
+    if isinstance(node, str) and "${" in node:
+        # An escaped \${...} resolves to a live interpolation, which the checked config would resolve later.
+        raise PipelineError(f"{source}: {key} resolves to {node!r}, which would be resolved again; {_UNTRUSTED}")
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_codec_node(v, version, source, _key_path(key, i, True), in_list=True)
+        return
+    if not isinstance(node, dict):
+        return
+    target = node.get("_target_")
+    allowed = isinstance(target, str) and target in version.codec_classes
+    for k, v in node.items():
+        where = _key_path(key, k, False)
+        if k == "_target_" and in_list:
+            raise PipelineError(f"{source}: {where} {v!r} is a class inside a list, which no {version.name} codec "
+                                f"config builds; {_UNTRUSTED}")
+        if k == "_target_" and not allowed:
+            raise PipelineError(f"{source}: {where} {v!r} is not a class that model version '{version.name}' builds "
+                                f"codecs from; {_UNTRUSTED}")
+        if k == "_partial_" and (v is not True or not allowed or target not in version.codec_partial_classes):
+            raise PipelineError(f"{source}: {where} may only be true, and only on "
+                                f"{', '.join(sorted(version.codec_partial_classes))}; {_UNTRUSTED}")
+        if isinstance(k, str) and k.startswith("_") and k.endswith("_") and k not in ("_target_", "_partial_"):
+            # hydra's other keys (_args_, _recursive_, _convert_, ...) change what a class is called with
+            raise PipelineError(f"{source}: {where} is a hydra option that changes how a class is called, which a "
+                                f"codec config may not set; {_UNTRUSTED}")
+        _check_codec_node(v, version, source, where, in_list)
+
+
+def _key_path(parent: str, key, in_list: bool) -> str:
+    if in_list:
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else str(key)
 
 
 def open_model_dir(path: Path | str, version_name: str = DEFAULT_MODEL_VERSION) -> ModelDir:
@@ -126,7 +236,8 @@ def open_model_dir(path: Path | str, version_name: str = DEFAULT_MODEL_VERSION) 
             "or pass the matching --model-version"
         )
 
-    codec_cfg = _load_codec_cfg(path, version)
+    codec_config_file = _codec_config_file(path, version)
+    codec_cfg = _load_codec_cfg(codec_config_file, version)
     codec_codebooks = codec_codebook_count(codec_cfg)
     if config.get("num_codebooks") != codec_codebooks:
         raise PipelineError(
@@ -139,7 +250,8 @@ def open_model_dir(path: Path | str, version_name: str = DEFAULT_MODEL_VERSION) 
             f"the codec in {path} runs at {codec_cfg.sample_rate} Hz, but model version '{version.name}' "
             f"uses {version.sample_rate} Hz: pass the matching --model-version"
         )
-    return ModelDir(path=path, version=version, config=config, weights_file=weights[0], codec_cfg=codec_cfg)
+    return ModelDir(path=path, version=version, config=config, weights_file=weights[0], codec_cfg=codec_cfg,
+                    codec_config_file=codec_config_file)
 
 
 def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
@@ -202,20 +314,45 @@ def load_llm(model_dir: ModelDir, choice: DeviceChoice):
     return model.to(device=choice.device, dtype=choice.dtype).eval()
 
 
-def build_codec(codec_cfg):
-    """The codec a hydra config describes, randomly initialised."""
-    from hydra.utils import instantiate
-
+def build_codec(
+    codec_cfg, version: ModelVersion = MODEL_VERSIONS[DEFAULT_MODEL_VERSION], source: Path | str = "the codec config"
+):
+    """The codec `codec_cfg` describes, randomly initialised, built from `version`'s codec classes only (see
+    _checked_codec_tree). `source` names the config in errors."""
+    tree = _checked_codec_tree(codec_cfg, version, source)
     with warnings.catch_warnings():
         # The codec's layers use torch's older weight_norm helper; nothing for a user to act on.
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*weight_norm.*")
-        return instantiate(codec_cfg)
+        return _build(tree, source, key="")
+
+
+def _build(node, source, key: str):
+    """What hydra's instantiate makes of a checked tree, without hydra: a mapping with `_target_` is that class
+    called with its other keys, built first in their order (which decides the random initial weights)."""
+    if isinstance(node, list):
+        return [_build(v, source, _key_path(key, i, True)) for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    kwargs = {
+        k: _build(v, source, _key_path(key, k, False)) for k, v in node.items() if k not in ("_target_", "_partial_")
+    }
+    if "_target_" not in node:
+        return kwargs
+    module, _, name = node["_target_"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if node.get("_partial_"):
+        return functools.partial(cls, **kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a key the class doesn't take, or one it needs is missing
+        where = _key_path(key, "_target_", False)
+        raise PipelineError(f"{source}: {where} {node['_target_']}: {e}: {_FIX_OR_DELETE}") from e
 
 
 def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     """The codec with its release weights, in eval mode. It runs in fp32: it is small next to the LLM,
     and its quantizer's nearest-codeword search is sensitive to rounding."""
-    codec = build_codec(model_dir.codec_cfg)
+    codec = build_codec(model_dir.codec_cfg, model_dir.version, model_dir.codec_config_file)
     file = model_dir.path / "codec.pth"
     state = _read_state_dict(file)
     if any(k.startswith("generator.") for k in state):  # a full GAN training checkpoint

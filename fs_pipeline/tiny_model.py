@@ -143,7 +143,7 @@ def write_tiny_model(
 
         if not full_codec:
             OmegaConf.save(codec_cfg, staging / CODEC_CONFIG_FILE)
-        codec = build_codec(codec_cfg)
+        codec = build_codec(codec_cfg, version)
         state = {k: v for k, v in codec.state_dict().items() if not k.endswith(DERIVED_CODEC_BUFFERS)}
         torch.save(state, staging / "codec.pth")
 
