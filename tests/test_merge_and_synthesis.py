@@ -1,6 +1,9 @@
+import json
+import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import soundfile as sf
@@ -65,39 +68,104 @@ def test_adapter_export_loads_on_the_base_with_the_same_logits(merged, cpu):
 def test_default_checkpoint_is_the_best_and_manifest_says_so(merged):
     result, _, project = merged
     assert result.checkpoint == checkpoints.best(project.dir / "checkpoints").path
-    manifest = __import__("json").loads((result.merged_dir / "manifest.json").read_text())
+    manifest = json.loads((result.merged_dir / "manifest.json").read_text())
     assert manifest["base_model"]["license"].startswith("CC-BY-NC-SA-4.0")
     assert manifest["merge_check"]["passed"] is True
     assert manifest["lora_config"] == {"r": 8, "alpha": 16, "dropout": 0.0}
     assert manifest["checkpoint"]["step"] in (4, 8) and len(manifest["data_sha256"]) == 64
 
 
-def test_rerun_skips_and_a_new_checkpoint_replaces_atomically(merged, cpu, tmp_path):
+def hidden_siblings(merged_dir):
+    return sorted(p.name for p in merged_dir.parent.iterdir() if p.name.startswith(f".{merged_dir.name}."))
+
+
+def merged_step(merged_dir):
+    return json.loads((merged_dir / "manifest.json").read_text())["checkpoint"]["step"]
+
+
+def other_step(result):
+    return 4 if "8" in result.checkpoint.name else 8
+
+
+def test_rerun_skips_and_a_new_checkpoint_replaces_the_directory(merged, cpu):
     result, base, project = merged
     root = result.merged_dir.parent
+    assert result.merged_dir.is_dir() and not result.merged_dir.is_symlink()
+    assert hidden_siblings(result.merged_dir) == []
     again = merge.run(merge.MergeSettings(output_root=root), base, cpu, project)
     assert again.skipped
-    first_version = result.merged_dir.resolve()
-    other = merge.run(merge.MergeSettings(output_root=root, checkpoint_step=4 if "8" in result.checkpoint.name else 8), base, cpu, project)
-    assert not other.skipped and result.merged_dir.resolve() != first_version
-    assert not first_version.exists()  # the old version is cleaned up
-    assert [p.name for p in root.iterdir() if p.name.startswith(".voice-merged")] == [result.merged_dir.resolve().name]
+    other = merge.run(merge.MergeSettings(output_root=root, checkpoint_step=other_step(result)), base, cpu, project)
+    assert not other.skipped and merged_step(result.merged_dir) == other_step(result)
+    assert not result.merged_dir.is_symlink() and hidden_siblings(result.merged_dir) == []  # the old model is deleted
 
 
 def test_interrupted_merge_leaves_the_old_model(merged, cpu, monkeypatch):
     result, base, project = merged
     root = result.merged_dir.parent
-    before = result.merged_dir.resolve()
+    before = (result.merged_dir / "manifest.json").read_text()
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(merge, "_export_adapter", killed)
     with pytest.raises(KeyboardInterrupt):
-        merge.run(merge.MergeSettings(output_root=root, checkpoint_step=4 if "8" in result.checkpoint.name else 8), base, cpu, project)
-    assert result.merged_dir.resolve() == before
+        merge.run(merge.MergeSettings(output_root=root, checkpoint_step=other_step(result)), base, cpu, project)
+    assert (result.merged_dir / "manifest.json").read_text() == before
     load_llm(open_model_dir(result.merged_dir), cpu)
-    assert [p.name for p in root.iterdir() if p.name.startswith(".voice-merged")] == [before.name]
+    assert hidden_siblings(result.merged_dir) == []
+
+
+def test_kill_between_the_two_renames_puts_the_old_model_back(merged, cpu, monkeypatch):
+    result, base, project = merged
+    root, final = result.merged_dir.parent, result.merged_dir
+    before = (final / "manifest.json").read_text()
+    real_replace = os.replace
+
+    def killed_once_the_old_model_is_aside(source, target):
+        real_replace(source, target)
+        if os.fspath(source) == os.fspath(final):
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(merge.os, "replace", killed_once_the_old_model_is_aside)
+        with pytest.raises(KeyboardInterrupt):
+            merge.run(merge.MergeSettings(output_root=root, checkpoint_step=other_step(result)), base, cpu, project)
+    assert not final.exists() and hidden_siblings(final) == [".voice-merged.old"]
+
+    # The next merge reads <final>/manifest.json for its skip check: it first puts the old model back,
+    # finds it current for its checkpoint, and keeps it.
+    again = merge.run(merge.MergeSettings(output_root=root), base, cpu, project)
+    assert again.skipped and (final / "manifest.json").read_text() == before
+    assert hidden_siblings(final) == []
+    load_llm(open_model_dir(final), cpu)
+
+
+def test_leftovers_of_killed_merges_are_removed_by_the_next_one(merged, cpu):
+    result, base, project = merged
+    root = result.merged_dir.parent
+    staging = root / ".voice-merged.new-k1lled"  # killed while building
+    staging.mkdir()
+    (staging / "model.pth").write_bytes(b"half")
+    shutil.copytree(result.merged_dir, root / ".voice-merged.old")  # killed before deleting the old model
+    another_project = root / ".voice-merged.x-merged.old"  # project "voice-merged.x": not ours to delete
+    another_project.mkdir()
+    again = merge.run(merge.MergeSettings(output_root=root), base, cpu, project)
+    assert again.skipped and hidden_siblings(result.merged_dir) == [".voice-merged.x-merged.old"]
+
+
+def test_the_old_symlink_layout_becomes_a_real_directory(merged, cpu):
+    """Until issue 15, <project>-merged was a link to a hidden version beside it."""
+    result, base, project = merged
+    root, final = result.merged_dir.parent, result.merged_dir
+    step = merged_step(final)
+    version = root / ".voice-merged.a1b2c3d4"
+    final.rename(version)
+    final.symlink_to(version.name)
+    again = merge.run(merge.MergeSettings(output_root=root), base, cpu, project)
+    assert not again.skipped  # rebuilt once, as a directory
+    assert final.is_dir() and not final.is_symlink() and hidden_siblings(final) == []
+    assert merged_step(final) == step
+    assert merge.run(merge.MergeSettings(output_root=root), base, cpu, project).skipped
 
 
 def test_failed_merge_check_is_an_error(trained, cpu, tmp_path, monkeypatch):
@@ -149,10 +217,29 @@ def run_tts(args, cwd):
     return subprocess.run([sys.executable, str(REPO / "cli_tts.py"), *args], cwd=cwd, capture_output=True, text=True)
 
 
-def test_merged_dir_is_self_contained(merged, tmp_path):
+def copy_tree(source, target):
+    shutil.copytree(source, target)
+
+
+def copy_cp_r(source, target):
+    # Unlike copytree, which follows a link given as its source, cp -r copies the link itself.
+    subprocess.run(["cp", "-r", str(source), str(target)], check=True)
+
+
+def copy_tar(source, target):
+    archive = target.parent / "model.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(source, arcname=target.name)
+    with tarfile.open(archive) as tar:
+        tar.extractall(target.parent, filter="data")
+
+
+@pytest.mark.parametrize("copy", [copy_tree, copy_cp_r, copy_tar], ids=["copytree", "cp -r", "tar"])
+def test_merged_dir_is_self_contained(copy, merged, tmp_path):
     result, base, _ = merged
     alone = tmp_path / "alone"
-    shutil.copytree(result.merged_dir, alone / "model")
+    alone.mkdir()
+    copy(result.merged_dir, alone / "model")
     hidden_base = base.path.with_name("base_hidden")
     base.path.rename(hidden_base)  # the base is gone while cli_tts runs
     try:
@@ -190,8 +277,6 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path):
 
 def test_tied_embeddings_merge_exactly(sample_dataset, tiny_model_path, cpu, tmp_path):
     """With tied embeddings (as in the S1-mini release) the merged model still computes what base+LoRA did."""
-    import json
-
     base_path = shutil.copytree(tiny_model_path, tmp_path / "tied")
     config = json.loads((base_path / "config.json").read_text())
     config["tie_word_embeddings"] = True

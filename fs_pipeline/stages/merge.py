@@ -7,9 +7,12 @@ Writes  checkpoints/<project>-merged/  model.pth, config.json, tokenizer.tiktoke
         checkpoints/<project>-lora/    adapter.safetensors + adapter_config.json (the adapters alone)
 Skips   when <project>-merged/manifest.json records the same base model and checkpoint
 
-<project>-merged is a symbolic link to a versioned directory beside it. A new version is built and
-checked in full, then the link is swapped in one atomic rename: a run killed at any moment leaves the
-old model or the new one, never a broken one.
+<project>-merged is a plain directory, so a copy or an archive of it is the whole model. A new version is
+built and checked in full in a hidden staging directory beside it; then the old version is renamed aside
+(.<project>-merged.old), the new one renamed into place, and the old one deleted. A run killed at any
+moment leaves the old model or the new one: killed between the two renames, it leaves the old one aside,
+and the next merge puts it back before anything reads <project>-merged/manifest.json. The next merge also
+deletes what a killed run left beside it (a staging directory, an old version not yet deleted).
 """
 
 import json
@@ -60,10 +63,20 @@ def merged_path(project: Project, root: Path = MODELS_ROOT) -> Path:
     return Path(root) / f"{project.name}-merged"
 
 
-def choose_checkpoint(project: Project, settings: MergeSettings) -> Path:
-    folder = project.dir / "checkpoints"
+def check(settings: MergeSettings) -> None:
     if settings.checkpoint and settings.checkpoint_step is not None:
         raise PipelineError("--checkpoint and --checkpoint-step both given: pass one of them")
+    if settings.checkpoint and not Path(settings.checkpoint).exists():
+        raise PipelineError(f"--checkpoint: checkpoint not found: {settings.checkpoint}: list them with --list-checkpoints")
+    if settings.checkpoint_step is not None and settings.checkpoint_step < 0:
+        raise PipelineError(f"--checkpoint-step must be 0 or more (got {settings.checkpoint_step})")
+    if settings.best_by not in ("val_loss", "wer"):
+        raise PipelineError(f"unknown --best-by '{settings.best_by}': use val_loss or wer")
+
+
+def choose_checkpoint(project: Project, settings: MergeSettings) -> Path:
+    folder = project.dir / "checkpoints"
+    check(settings)
     if settings.checkpoint:
         return checkpoints.resolve(settings.checkpoint)
     if settings.checkpoint_step is not None:
@@ -88,8 +101,11 @@ def run(settings: MergeSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     final = merged_path(project, settings.output_root)
     adapter_dir = Path(settings.output_root) / f"{project.name}-lora"
     inputs = {"base_identity": identity, "checkpoint": checkpoint.name, "checkpoint_sha256": file_hash(checkpoint)}
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _recover(final)
     existing = final / "manifest.json"
-    if existing.is_file() and json.loads(existing.read_text())["inputs"] == inputs and (adapter_dir / "adapter_config.json").is_file():
+    # A link is the layout before issue 15 (a link to a hidden version beside it): rebuilt once as a directory.
+    if not final.is_symlink() and existing.is_file() and json.loads(existing.read_text())["inputs"] == inputs and (adapter_dir / "adapter_config.json").is_file():
         return MergeResult(final, adapter_dir, checkpoint, True, json.loads(existing.read_text())["merge_check"]["max_logit_diff"])
 
     adapted = build_llm(model_dir)
@@ -100,8 +116,8 @@ def run(settings: MergeSettings, model_dir: ModelDir, choice: DeviceChoice, proj
 
     storage_dtype = _stored_dtype(model_dir)
     merged_state = merged_weights(adapted, storage_dtype)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; it becomes the model directory as it is
     try:
         _write_model_dir(staging, model_dir, merged_state)
         diff, tolerance = merge_check(adapted, open_model_dir(staging, model_dir.version.name), storage_dtype)
@@ -210,20 +226,49 @@ def _export_adapter(folder: Path, model, lora: LoraSettings, identity: str, mode
 
 
 def _swap_in(staging: Path, final: Path) -> None:
-    """Point `final` (a symlink) at `staging` atomically, then remove the version it pointed at before."""
-    staging.chmod(0o755)
-    previous = final.resolve() if final.is_symlink() else None
-    if final.exists() and not final.is_symlink():
-        # A plain directory from elsewhere: move it aside first (the one non-atomic moment).
-        previous = final.with_name(f".{final.name}.replaced")
-        os.replace(final, previous)
-    link = final.with_name(f".{final.name}.link")
-    link.unlink(missing_ok=True)
-    link.symlink_to(staging.name)
-    os.replace(link, final)
-    if previous is not None and previous != staging.resolve():
-        shutil.rmtree(previous, ignore_errors=True)
-    logger.info(f"merged model installed at {final} -> {staging.name}")
+    """Replace `final` with `staging`: the old version aside, the new one in, the old one deleted. rename(2)
+    can't replace a non-empty directory, hence two renames; a kill between them is undone by _recover."""
+    aside = _aside(final)
+    if os.path.lexists(final):
+        os.replace(final, aside)
+    os.replace(staging, final)
+    for leftover in _leftovers(final):  # the old version, and the old layout's hidden version
+        _remove(leftover, final)
+    logger.info(f"merged model installed at {final}")
+
+
+def _recover(final: Path) -> None:
+    """Undo what a killed merge left beside `final`. Killed between the two renames of _swap_in, the old
+    version is whole but aside: put it back (the new one was never installed, so this merge redoes it)."""
+    aside = _aside(final)
+    if os.path.lexists(aside) and not os.path.lexists(final):
+        os.replace(aside, final)
+    # A link of the old layout serves the hidden version it points at until this merge replaces it.
+    in_use = final.resolve()
+    for leftover in _leftovers(final):
+        if leftover.resolve() != in_use:
+            _remove(leftover, final)
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def _leftovers(final: Path) -> list[Path]:
+    """The hidden entries merges of `final` make beside it. Another project's can share the prefix (project
+    "P-merged.x" has ".P-merged.x-merged.old"), but never with a dot-free rest."""
+    prefix = f".{final.name}."
+    return [p for p in final.parent.iterdir() if p.name.startswith(prefix) and "." not in p.name[len(prefix):]]
+
+
+def _remove(path: Path, final: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as e:
+        raise PipelineError(f"cannot delete {path}, left beside {final} by a merge ({e.strerror}): delete it yourself, then rerun") from e
 
 
 def load_adapter(model, source: Path, base_identity: str) -> None:
