@@ -11,9 +11,17 @@ results/<project>/checkpoints/step_000000100.ckpt is a torch.save'd dict (loaded
     rng         {"python": random.getstate(), "torch": CPU generator state, "cuda": [per-device states]}
     data        {"consumed": training examples drawn so far (the data-loader position)}
     metrics     {"train_loss", "val_loss", ...} at this step
+    run         what made it: {"settings": the training settings that decide the result, "base": base identity,
+                "version", "data": content hash of the packed data}; a resume must match it
     created_at  ISO time
+
+Beside each checkpoint, step_000000100.json (written after it, atomically) holds its step, time, size,
+metrics and run record, so listing, choosing and pruning never load a checkpoint. A checkpoint without
+one (written by an older version) gets it on first listing; one whose size differs from its record is
+loaded, so a damaged file is still found.
 """
 
+import json
 import os
 import random
 import shutil
@@ -24,7 +32,7 @@ from pathlib import Path
 import torch
 
 from fs_pipeline import PipelineError
-from fs_pipeline.fileio import atomic_path
+from fs_pipeline.fileio import atomic_path, write_json_atomic
 
 CHECKPOINT_FORMAT = 1
 PATTERN = "step_*.ckpt"
@@ -49,12 +57,24 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def metadata_path(checkpoint: Path) -> Path:
+    return Path(checkpoint).with_suffix(".json")
+
+
 def save(folder: Path, payload: dict) -> Path:
     payload = {"format": CHECKPOINT_FORMAT, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **payload}
     path = Path(folder) / checkpoint_name(payload["step"])
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+    _write_metadata(path, payload)
     return path
+
+
+def _write_metadata(path: Path, payload: dict) -> dict:
+    record = {"step": payload["step"], "created_at": payload["created_at"], "size": path.stat().st_size,
+              "metrics": payload.get("metrics", {}), "run": payload.get("run")}
+    write_json_atomic(metadata_path(path), record)
+    return record
 
 
 def load(path: Path) -> dict:
@@ -78,25 +98,38 @@ class CheckpointInfo:
     created_at: str
     val_loss: float | None
     wer: float | None
+    run: dict | None
+
+
+def info(path: Path) -> CheckpointInfo:
+    """A checkpoint's metadata from its small record; the checkpoint itself is read only when the record is
+    missing or its size is not the file's (then a damaged file raises PipelineError)."""
+    path = Path(path)
+    try:
+        record = json.loads(metadata_path(path).read_text(encoding="utf-8"))
+        fresh = record["size"] == path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        fresh = False
+    if not fresh:
+        record = _write_metadata(path, load(path))
+    metrics = record["metrics"]
+    return CheckpointInfo(path, record["step"], record["size"] / 1e6, record["created_at"], metrics.get("val_loss"), metrics.get("wer"),
+                          record.get("run"))
 
 
 def list_checkpoints(folder: Path) -> list[CheckpointInfo]:
-    """Readable checkpoints, oldest step first. Unreadable files are left out (list_problems names them)."""
+    """Readable checkpoints, oldest step first. Unreadable files are left out (unreadable() names them)."""
     infos = []
     for path in sorted(Path(folder).glob(PATTERN)):
         try:
-            payload = load(path)
+            infos.append(info(path))
         except PipelineError:
             continue
-        metrics = payload.get("metrics", {})
-        infos.append(
-            CheckpointInfo(path, payload["step"], os.path.getsize(path) / 1e6, payload["created_at"], metrics.get("val_loss"), metrics.get("wer"))
-        )
-    return sorted(infos, key=lambda info: info.step)
+    return sorted(infos, key=lambda i: i.step)
 
 
 def unreadable(folder: Path) -> list[Path]:
-    readable = {info.path for info in list_checkpoints(folder)}
+    readable = {i.path for i in list_checkpoints(folder)}
     return [p for p in sorted(Path(folder).glob(PATTERN)) if p not in readable]
 
 
@@ -105,21 +138,22 @@ def latest(folder: Path) -> CheckpointInfo | None:
     return infos[-1] if infos else None
 
 
-def best(folder: Path, by: str = "val_loss") -> CheckpointInfo | None:
+def best(folder: Path, by: str = "val_loss", infos: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
     """Lowest validation loss (or test-clip WER, by="wer"); ties go to the later step."""
-    scored = [info for info in list_checkpoints(folder) if getattr(info, by) is not None]
-    return min(scored, key=lambda info: (getattr(info, by), -info.step)) if scored else None
+    scored = [i for i in (list_checkpoints(folder) if infos is None else infos) if getattr(i, by) is not None]
+    return min(scored, key=lambda i: (getattr(i, by), -i.step)) if scored else None
 
 
 def prune(folder: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints and the best ones (by validation loss and by WER), with
-    their test clips. Returns what was deleted."""
+    their records and test clips. Returns what was deleted."""
     infos = list_checkpoints(folder)
-    keep_paths = {info.path for info in infos[-keep:]} if keep > 0 else set()
-    keep_paths |= {top.path for top in (best(folder), best(folder, "wer")) if top is not None}
-    removed = [info.path for info in infos if info.path not in keep_paths]
+    keep_paths = {i.path for i in infos[-keep:]} if keep > 0 else set()
+    keep_paths |= {top.path for top in (best(folder, "val_loss", infos), best(folder, "wer", infos)) if top is not None}
+    removed = [i.path for i in infos if i.path not in keep_paths]
     for path in removed:
         path.unlink()
+        metadata_path(path).unlink(missing_ok=True)
         shutil.rmtree(path.with_name(path.stem + "_clips"), ignore_errors=True)
     return removed
 
@@ -135,7 +169,7 @@ def resolve(path: Path) -> Path:
     return path
 
 
-def check_compatible(payload: dict, source: Path, base_identity: str, version: str, lora_config: dict) -> None:
+def check_compatible(payload: dict, source: Path, base_identity: str, version: str, lora_config: dict | None = None) -> None:
     """A clear error, not a silent mismatch, when a checkpoint was made for another base, version or rank."""
     base = payload["base_model"]
     if base["version"] != version:
@@ -145,9 +179,32 @@ def check_compatible(payload: dict, source: Path, base_identity: str, version: s
             f"{source} was trained on another base model (identity {base['identity']}, this one is {base_identity}): "
             "point --pretrained-ckpt-path at the base it was trained on"
         )
+    if lora_config is None:
+        return
     theirs = payload["lora_config"]
     if (theirs["r"], theirs["alpha"]) != (lora_config["r"], lora_config["alpha"]):
         raise PipelineError(
             f"{source} has LoRA rank {theirs['r']} / alpha {theirs['alpha']}, this run uses rank {lora_config['r']} / alpha "
             f"{lora_config['alpha']}: pass --lora-config r_{theirs['r']}_alpha_{theirs['alpha']}"
         )
+
+
+def check_same_run(recorded: dict | None, source: Path, run: dict) -> None:
+    """Resuming continues one run exactly, so everything that decides its result must be what `source` was
+    made with: one error naming each difference and the flag that restarts cleanly."""
+    restart = "or pass --force-stage train to start over (the old checkpoints are moved aside)"
+    if recorded is None:
+        raise PipelineError(f"{source} was made by an older fs-pipeline that did not record its settings: it can't be resumed exactly; {restart}")
+    check_compatible({"base_model": {"version": recorded["version"], "identity": recorded["base"]}}, source, run["base"], run["version"])
+    if recorded["data"] != run["data"]:
+        raise PipelineError(
+            f"{source} was trained on other packed data (the dataset, its transcripts or the split changed): "
+            f"train on the data it was made with, {restart}"
+        )
+    differences = [
+        f"--{name.replace('_', '-')} {run['settings'].get(name)} (checkpoint: {value})"
+        for name, value in sorted(recorded["settings"].items())
+        if run["settings"].get(name) != value
+    ]
+    if differences:
+        raise PipelineError(f"{source} was trained with other settings: {', '.join(differences)}: pass the checkpoint's values, {restart}")

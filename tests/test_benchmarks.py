@@ -1,5 +1,6 @@
 """Each benchmark runs for a moment on CPU with the tiny kit, so the scripts don't rot. No timing is asserted."""
 
+import pytest
 from click.testing import CliRunner
 
 from benchmarks import extract_throughput
@@ -62,3 +63,12 @@ def test_prep_throughput_asr_only_smoke(sample_dataset):
     result = CliRunner().invoke(prep_throughput.main, ["--asr-only", str(sample_dataset), "--no-record", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "| faster-whisper | real tiny.en |" in result.output and "| openai-whisper |" in result.output
+
+
+@pytest.mark.slow  # 30 s: the adapters of a release-sized model, written twice
+def test_checkpoint_listing_smoke():
+    from benchmarks import checkpoint_listing
+
+    result = CliRunner().invoke(checkpoint_listing.main, ["--count", "2", "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert "| read the records beside them |" in result.output
