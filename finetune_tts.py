@@ -1,9 +1,11 @@
 """Fine-tune Fish Speech on a prepared dataset. Run with --help for the stages and their flags."""
 
+import shlex
 import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from fs_pipeline import PipelineError, checkpoints
 from fs_pipeline import pipeline
@@ -108,30 +110,67 @@ def main(**flags) -> None:
         raise click.UsageError("nothing to do: pass --full-pipeline, or one stage (--extract-tokens, --train, --merge-weights ...) or --status")
     if flags["resume_latest"] and flags["resume_from_checkpoint"]:
         raise PipelineError("--resume-latest and --resume-from-checkpoint both given: pass one of them")
+    project = Project(flags["project"]) if flags["project"] else None
+    recalled = recall(project, flags) if project is not None else []
 
     if flags["list_checkpoints"] or flags["status"]:
         if flags["list_checkpoints"]:
             click.echo(format_checkpoints(project_of(flags)))
         if flags["status"]:
-            show_status(project_of(flags), flags["report"])
+            show_status(existing_project(flags), flags["report"])
         if not any(flags[a] for a in ("check_model", "extract_tokens", "do_train", "merge_weights", "full_pipeline", "prepare_data")):
             return
 
+    stages = requested_stages(flags)
+    if recalled:
+        click.echo(f"Project {project.name} remembers: {' '.join(recalled)} (pass a flag to override it)")
+    if stages and {"prepare", "extract", "pack"} & set(pipeline.stage_slice(*stages)):
+        data_dir_of(flags)
     choice = select_device(flags["device"], flags["force_mps"])
     model_dir = open_model_dir(flags["pretrained_ckpt_path"], flags["model_version"])
     if flags["check_model"]:
         click.echo(model_summary(model_dir, load_llm(model_dir, choice), load_codec(model_dir, choice), choice))
-    if flags["full_pipeline"] or flags["prepare_data"]:
-        run_pipeline(project_of(flags), data_dir_of(flags), model_dir, choice, flags)
-        return
-    if flags["extract_tokens"] or flags["do_train"]:
-        project, data_dir = project_of(flags), data_dir_of(flags)
-        click.echo(f"Device: {choice.describe()}")
-        run_extract_and_pack(project, data_dir, model_dir, choice, flags)
-        if flags["do_train"]:
-            run_train(project, data_dir, model_dir, choice, flags)
+    if stages:
+        run_pipeline(project_of(flags), model_dir, choice, flags, stages)
+
+
+# Flags a project remembers from its last run (Manifest "project"), by flag name -> memory key.
+REMEMBERED = {"pretrained_ckpt_path": "base_model", "model_version": "model_version", "data_dir": "data_dir"}
+TRAIN_FLAGS = {"compile": "compile_blocks"}  # TrainSettings field -> flag, where the names differ
+
+
+def recall(project: Project, flags: dict) -> list[str]:
+    """Flags not given on the command line take the values the project was last run with, so that
+    `--merge-weights` or `--train --resume-latest` need no more than --project. Returns the flags recalled."""
+    memory = Manifest(project.manifest_path).data.get("project", {}) if project.manifest_path.is_file() else {}
+    context = click.get_current_context()
+    recalled = []
+    remembered = {flag: memory[key] if flag == "model_version" else Path(memory[key]) for flag, key in REMEMBERED.items() if key in memory}
+    remembered |= {TRAIN_FLAGS.get(name, name): value for name, value in memory.get("train", {}).items()}
+    for flag, value in remembered.items():
+        if context.get_parameter_source(flag) == ParameterSource.DEFAULT and flags[flag] != value:
+            flags[flag] = value
+            recalled.append(f"--{flag.replace('_', '-')}" + ("" if value is True else f" {quote(value)}"))
+    return recalled
+
+
+def requested_stages(flags) -> tuple[str, str] | None:
+    """The slice of the pipeline that the action flags ask for: (first stage, last stage), or None."""
+    if flags["full_pipeline"]:
+        return flags["from_stage"], flags["to_stage"]
+    wanted = []
+    if flags["prepare_data"]:
+        wanted.append("prepare")
+    if flags["extract_tokens"]:
+        wanted += ["extract", "pack"]
+    if flags["do_train"]:
+        wanted += ["extract", "pack", "train"]
     if flags["merge_weights"]:
-        run_merge(project_of(flags), model_dir, choice, flags)
+        wanted.append("merge")
+    if not wanted:
+        return None
+    order = sorted(wanted, key=pipeline.STAGES.index)
+    return order[0], order[-1]
 
 
 def project_of(flags) -> Project:
@@ -140,10 +179,24 @@ def project_of(flags) -> Project:
     return Project(flags["project"])
 
 
+def existing_project(flags) -> Project:
+    project = project_of(flags)
+    if not project.dir.is_dir():
+        known = sorted(p.name for p in project.root.glob("*/manifest.json") for p in [p.parent]) if project.root.is_dir() else []
+        raise PipelineError(
+            f"no project '{project.name}' in {project.root}/: check the name (projects there: {', '.join(known) or 'none'})"
+        )
+    return project
+
+
 def data_dir_of(flags) -> Path:
     if not flags["data_dir"]:
         raise click.UsageError("this needs --data-dir training_data/NAME")
     return flags["data_dir"]
+
+
+def quote(value) -> str:
+    return shlex.quote(str(value))
 
 
 def extract_settings(flags, data_dir: Path) -> extract.ExtractSettings:
@@ -154,13 +207,15 @@ def pack_settings(flags, data_dir: Path) -> pack.PackSettings:
     return pack.PackSettings(data_dir, flags["val_fraction"], flags["split_seed"])
 
 
-def train_settings(flags, resume_from=None, warm_start=None) -> train.TrainSettings:
+def train_settings(flags) -> train.TrainSettings:
     return train.TrainSettings(
         max_steps=flags["max_steps"], batch_size=flags["batch_size"], learning_rate=flags["learning_rate"],
         gradient_accumulation_steps=flags["gradient_accumulation_steps"], lora_config=flags["lora_config"],
         warmup_steps=flags["warmup_steps"], lr_schedule=flags["lr_schedule"], gradient_checkpointing=flags["gradient_checkpointing"],
-        compile=flags["compile_blocks"], max_length=flags["max_length"], pack_utterances=flags["pack_utterances"], checkpoint_every=flags["checkpoint_every"], val_every=flags["val_every"],
-        keep_checkpoints=flags["keep_checkpoints"], seed=flags["seed"], resume_from=resume_from, warm_start_from=warm_start,
+        compile=flags["compile_blocks"], max_length=flags["max_length"], pack_utterances=flags["pack_utterances"],
+        checkpoint_every=flags["checkpoint_every"], val_every=flags["val_every"], keep_checkpoints=flags["keep_checkpoints"],
+        seed=flags["seed"], resume_from=flags["resume_from_checkpoint"], resume_latest=flags["resume_latest"],
+        warm_start_from=checkpoints.resolve(flags["checkpoint_path"]) if flags["checkpoint_path"] else None,
         test_clips=flags["test_clips"], test_clips_whisper_model=flags["test_clips_whisper_model"],
     )
 
@@ -169,31 +224,71 @@ def merge_settings(flags) -> merge.MergeSettings:
     return merge.MergeSettings(checkpoint=flags["merge_checkpoint"], checkpoint_step=flags["checkpoint_step"], best_by=flags["best_by"])
 
 
-def run_pipeline(project: Project, data_dir: Path, model_dir, choice, flags) -> None:
-    prepare_stage = None
-    dataset = data_dir
-    if flags["prepare_data"] or not pipeline.is_prepared(data_dir):
+def run_pipeline(project: Project, model_dir, choice, flags, stages: tuple[str, str]) -> None:
+    """Every command that writes into a project runs here: the same stages, guards, lock and manifest."""
+    first, last = stages
+    data_dir = flags["data_dir"] or Path("training_data") / project.name  # merge alone needs no dataset
+    prepare_stage, dataset = None, data_dir
+    if first == "prepare" and (flags["prepare_data"] or not pipeline.is_prepared(data_dir)):
         dataset = Path("training_data") / project.name
         speaker = flags["speaker"] or project.name
         prepare_stage = prepare_settings(flags, (str(data_dir),), dataset, speaker, model_dir.version.sample_rate)
-    to_stage = "prepare" if flags["prepare_data"] and not flags["full_pipeline"] else flags["to_stage"]
     settings = pipeline.PipelineSettings(
         prepare=prepare_stage, extract=extract_settings(flags, dataset), pack=pack_settings(flags, dataset),
-        train=train_settings(flags), merge=merge_settings(flags), from_stage=flags["from_stage"], to_stage=to_stage,
-        force_stage=flags["force_stage"],
+        train=train_settings(flags), merge=merge_settings(flags), from_stage=first, to_stage=last, force_stage=flags["force_stage"],
     )
     click.echo(f"Device: {choice.describe()}")
     result = pipeline.run(settings, model_dir, choice, project)
+    for stage in pipeline.STAGES:
+        if stage in result.details:
+            click.echo(STAGE_LINES[stage](result.details[stage], project))
+    for warning in result.qa_warnings:
+        click.secho(f"QA warning: {warning}", fg="yellow")
     if result.interrupted:
-        click.secho(f"Stopped by {result.interrupted} in training at step {result.train_step}; rerun the same command to continue.", fg="yellow")
+        click.secho(
+            f"Stopped by {result.interrupted} in training at step {result.train_step}; continue with:\n"
+            f"  python finetune_tts.py --project {quote(project.name)} --train --resume-latest",
+            fg="yellow",
+        )
         sys.exit(EXIT_CODES[result.interrupted])
     click.echo(f"Ran: {', '.join(result.ran) or 'nothing (all up to date)'}; up to date: {', '.join(result.skipped) or '-'}")
     if result.merged_dir:
         click.echo(f"Merged model: {result.merged_dir}")
+        click.echo(f'Try it: python cli_tts.py "Hello from my new voice." --model-path {quote(result.merged_dir)} -o output/hello.wav')
     if result.test_clip:
         click.echo(f"Test clip: {result.test_clip}")
     if result.report:
         click.echo(f"Report: {result.report}")
+
+
+def _extract_line(done: extract.ExtractResult, project) -> str:
+    if not done.extracted:
+        return f"Extract: all {done.skipped} clips up to date, nothing to do"
+    rate = done.audio_seconds / done.seconds if done.seconds else 0.0
+    return f"Extracted {done.extracted} clips ({done.audio_seconds:.0f} s of audio, {rate:.1f} audio-s/s); {done.skipped} were up to date"
+
+
+def _pack_line(packed: pack.PackResult, project) -> str:
+    state = "up to date" if packed.skipped else "written"
+    return (f"Packed data {state}: {packed.train_utterances} train / {packed.val_utterances} validation utterances in {project.data_dir}"
+            f"\nQA report: {project.data_dir / 'qa.md'}")
+
+
+def _train_line(result: train.TrainResult, project) -> str:
+    losses = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps needed"
+    if result.val_loss is not None:
+        losses += f", validation loss {result.val_loss:.4f}"
+    return f"Trained to step {result.step} ({losses}). Checkpoints: {project.dir / 'checkpoints'}"
+
+
+def _merge_line(result: merge.MergeResult, project) -> str:
+    if result.skipped:
+        return f"Merged model up to date: {result.merged_dir} (from {result.checkpoint.name}); adapters alone: {result.adapter_dir}"
+    return (f"Merged {result.checkpoint.name} into {result.merged_dir} (merge check: max logit difference {result.max_logit_diff:.2e}); "
+            f"adapters alone: {result.adapter_dir}")
+
+
+STAGE_LINES = {"extract": _extract_line, "pack": _pack_line, "train": _train_line, "merge": _merge_line}
 
 
 def show_status(project: Project, write: bool) -> None:
@@ -209,56 +304,6 @@ def show_status(project: Project, write: bool) -> None:
         merged = merge.merged_path(project)
         report = write_report(project, project.manifest_path, merged if merged.exists() else None, project.dir / "test_clip.wav")
         click.echo(f"Report: {report}")
-
-
-def run_extract_and_pack(project: Project, data_dir: Path, model_dir, choice, flags) -> None:
-    manifest = Manifest(project.manifest_path)
-    done = extract.run(extract_settings(flags, data_dir), model_dir, choice, manifest)
-    if done.extracted:
-        rate = done.audio_seconds / done.seconds if done.seconds else 0.0
-        click.echo(f"Extracted {done.extracted} clips ({done.audio_seconds:.0f} s of audio, {rate:.1f} audio-s/s); {done.skipped} were up to date")
-    else:
-        click.echo(f"Extract: all {done.skipped} clips up to date, nothing to do")
-    packed = pack.run(pack_settings(flags, data_dir), model_dir, project, manifest)
-    state = "up to date" if packed.skipped else "written"
-    click.echo(f"Packed data {state}: {packed.train_utterances} train / {packed.val_utterances} validation utterances in {project.data_dir}")
-    for warning in packed.warnings:
-        click.secho(f"QA warning: {warning}", fg="yellow")
-    click.echo(f"QA report: {project.data_dir / 'qa.md'}")
-
-
-def run_train(project: Project, data_dir: Path, model_dir, choice, flags) -> None:
-    ckpt_dir = project.dir / "checkpoints"
-    resume_from = flags["resume_from_checkpoint"]
-    if flags["resume_latest"]:
-        found = checkpoints.latest(ckpt_dir)
-        if found is None:
-            raise PipelineError(f"--resume-latest: no checkpoint in {ckpt_dir} yet: train without it first")
-        resume_from = found.path
-    warm_start = checkpoints.resolve(flags["checkpoint_path"]) if flags["checkpoint_path"] else None
-    settings = train_settings(flags, resume_from, warm_start)
-    result = train.run(settings, model_dir, choice, project)
-    if result.interrupted:
-        click.secho(
-            f"Stopped by {result.interrupted} at step {result.step}; saved {result.last_checkpoint}. Resume with:\n"
-            f"  python finetune_tts.py --project {project.name} --data-dir {data_dir} --train --resume-latest --max-steps {settings.max_steps}",
-            fg="yellow",
-        )
-        sys.exit(EXIT_CODES[result.interrupted])
-    losses = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps needed"
-    if result.val_loss is not None:
-        losses += f", validation loss {result.val_loss:.4f}"
-    click.echo(f"Trained to step {result.step} ({losses}). Checkpoints: {ckpt_dir}")
-
-
-def run_merge(project: Project, model_dir, choice, flags) -> None:
-    result = merge.run(merge_settings(flags), model_dir, choice, project)
-    if result.skipped:
-        click.echo(f"Merged model up to date: {result.merged_dir} (from {result.checkpoint.name})")
-    else:
-        click.echo(f"Merged {result.checkpoint.name} into {result.merged_dir} (merge check: max logit difference {result.max_logit_diff:.2e})")
-    click.echo(f"Adapters alone: {result.adapter_dir}")
-    click.echo(f'Try it: python cli_tts.py "Hello from my new voice." --model-path {result.merged_dir} -o output/hello.wav')
 
 
 def format_checkpoints(project: Project) -> str:

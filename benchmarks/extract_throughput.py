@@ -26,6 +26,7 @@ import torch
 from benchmarks.common import publish
 from fs_pipeline.audio.io import read_wav
 from fs_pipeline.device import select_device
+from fs_pipeline.fileio import file_hash
 from fs_pipeline.manifest import Manifest
 from fs_pipeline.models import build_codec, load_codec, open_model_dir
 from fs_pipeline.stages import extract
@@ -98,8 +99,9 @@ def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chun
         rows.append((f"upstream approach (chunks of {upstream_chunk}, listing order, main-thread decode)", upstream_rate))
         for batch_size in [int(b) for b in batch_sizes.split(",")]:
             settings = extract.ExtractSettings(data, batch_size=batch_size, num_workers=num_workers)
-            manifest = Manifest(work / f"manifest-{batch_size}.json")  # no records: every clip is extracted
-            manifest.hash(model_dir.path / "codec.pth")  # a first run hashes the codec once (1-2 s at full size)
+            (data / extract.CODES_RECORD).unlink(missing_ok=True)  # no records: every clip is extracted
+            manifest = Manifest(work / f"manifest-{batch_size}.json")
+            file_hash(model_dir.path / "codec.pth")  # a first run hashes the codec once (1-2 s at full size)
             start = time.perf_counter()
             extract.run(settings, model_dir, choice, manifest, codec)
             synchronize(choice.device)

@@ -12,17 +12,20 @@ output deleted or edited by hand makes the stage stale). `completed_at` is writt
 without it is a run that did not finish. Every write is atomic.
 """
 
+import hashlib
 import json
-import os
-from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from loguru import logger
 
-from fs_pipeline import PipelineError
 from fs_pipeline.fileio import file_hash, write_json_atomic
+
+
+# Each stage is made from the outputs of the one before it.
+UPSTREAM = {"extract": "prepare", "pack": "extract", "train": "pack", "merge": "train", "synthesize": "merge"}
+DONE, NOT_RUN, INCOMPLETE = "done", "not run", "incomplete (rerun to continue)"
 
 
 def settings_record(settings) -> dict:
@@ -44,16 +47,47 @@ class Manifest:
     def entry(self, stage: str) -> dict:
         return self.data["stages"].get(stage, {})
 
-    def is_current(self, stage: str, settings: dict, inputs: dict, base: Path) -> bool:
-        entry = self.entry(stage)
-        if "completed_at" not in entry or entry.get("settings") != settings or entry.get("inputs") != inputs:
-            return False
-        return self.outputs_intact(stage, base)
+    @property
+    def base(self) -> Path:
+        """The folder output names are relative to: the manifest's own (results/<project>/)."""
+        return self.path.parent
 
-    def outputs_intact(self, stage: str, base: Path) -> bool:
+    def state(self, stage: str) -> str:
+        """The one answer to "is this stage done?", which both the run and --status use: "done"; "not run";
+        "incomplete" (a run that did not finish); or "stale: why" (its outputs were changed or deleted, or
+        the stage before it now has other outputs than the ones this stage was made from). Content decides,
+        never time: identical bytes rewritten upstream leave everything after them done."""
+        entry = self.entry(stage)
+        if not entry:
+            return NOT_RUN
+        if "completed_at" not in entry:
+            return INCOMPLETE
+        if not self.outputs_intact(stage):
+            return "stale: outputs changed or deleted"
+        upstream = UPSTREAM.get(stage)
+        if upstream and self.entry(upstream):
+            if "completed_at" not in self.entry(upstream):
+                return f"stale: {upstream} is incomplete"
+            if entry.get("after") != self.outputs_digest(upstream):
+                return f"stale: {upstream} changed since"
+        return DONE
+
+    def is_current(self, stage: str, **expected) -> bool:
+        """Done (see state) and recorded with exactly these field values (settings, inputs, ...)."""
+        entry = self.entry(stage)
+        return self.state(stage) == DONE and all(entry.get(k) == v for k, v in expected.items())
+
+    def outputs_digest(self, stage: str) -> str | None:
+        """One hash of a complete stage's recorded outputs; the next stage records it as what it was made from."""
+        entry = self.entry(stage)
+        if "completed_at" not in entry:
+            return None
+        return hashlib.sha256(json.dumps(entry.get("outputs", {}), sort_keys=True).encode()).hexdigest()[:16]
+
+    def outputs_intact(self, stage: str) -> bool:
         """Every output the stage recorded still exists with its recorded hash."""
         for name, digest in self.entry(stage).get("outputs", {}).items():
-            output = Path(base) / name  # absolute names stay absolute
+            output = self.base / name  # absolute names stay absolute
             if not output.is_file() or self.hash(output) != digest:
                 return False
         return True
@@ -70,12 +104,14 @@ class Manifest:
         cache[key] = [*size_mtime, digest]
         return digest
 
-    def hash_outputs(self, base: Path, files: list[Path]) -> dict[str, str]:
-        """Output name -> hash; names are relative to `base` for files inside it, absolute otherwise."""
+    def hash_outputs(self, files: list[Path]) -> dict[str, str]:
+        """Output name -> hash; names are relative to the manifest's folder for files inside it, absolute
+        (resolved, so any spelling of a path names the same file) otherwise."""
         names = {}
+        base = self.base.resolve()
         for f in files:
-            f = Path(f)
-            name = f.relative_to(base).as_posix() if f.is_relative_to(base) else str(f.resolve())
+            f = Path(f).resolve()
+            name = f.relative_to(base).as_posix() if f.is_relative_to(base) else str(f)
             names[name] = self.hash(f)
         return names
 
@@ -87,54 +123,10 @@ class Manifest:
         self.save()
 
     def complete(self, stage: str, **fields) -> None:
-        self.update(stage, **fields)
+        upstream = UPSTREAM.get(stage)
+        self.update(stage, **fields, after=self.outputs_digest(upstream) if upstream else None)
         self.data["stages"][stage]["completed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.save()
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
-
-
-@contextmanager
-def run_lock(folder: Path, what: str):
-    """Hold `folder`/.lock while a run works there. A second live run gets a clear error; a lock left by a
-    process that no longer exists (killed, crashed) is taken over."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / ".lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = _lock_owner(lock)
-            if owner is not None and _alive(owner):
-                raise PipelineError(f"another {what} run (pid {owner}) is using {folder}: wait for it to finish or stop it, then rerun")
-            logger.warning(f"taking over the stale lock {lock} (its process {owner} is gone)")
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    else:
-        raise PipelineError(f"cannot take the lock {lock}: delete it if no other run is using {folder}")
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _lock_owner(lock: Path) -> int | None:
-    try:
-        return int(lock.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -10,7 +10,7 @@ a run killed at any moment is continued by running the same command again.
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,8 +18,9 @@ from loguru import logger
 
 from fs_pipeline import PipelineError, checkpoints
 from fs_pipeline.device import DeviceChoice
-from fs_pipeline.manifest import Manifest, run_lock, settings_record
-from fs_pipeline.models import ModelDir, model_identity
+from fs_pipeline.lock import project_lock
+from fs_pipeline.manifest import DONE, Manifest, settings_record
+from fs_pipeline.models import ModelDir
 from fs_pipeline.project import Project
 from fs_pipeline.stages import extract, merge, pack, prepare, train
 from fs_pipeline.stages.synthesize import SynthesisSettings, Synthesizer
@@ -50,6 +51,8 @@ class PipelineResult:
     test_clip: Path | None
     report: Path | None
     train_step: int | None = None
+    qa_warnings: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)  # stage -> its own result (ExtractResult, PackResult, ...) where it ran
 
 
 def is_prepared(data_dir: Path) -> bool:
@@ -66,113 +69,164 @@ def check_stage(name: str | None, flag: str) -> None:
         raise PipelineError(f"unknown stage '{name}' for {flag}: use one of {', '.join(STAGES)}")
 
 
-def run(settings: PipelineSettings, model_dir: ModelDir, choice: DeviceChoice, project: Project) -> PipelineResult:
+def stage_slice(first: str, last: str) -> tuple[str, ...]:
+    return STAGES[STAGES.index(first) : STAGES.index(last) + 1]
+
+
+def validate(settings: PipelineSettings, model_dir: ModelDir, project: Project) -> None:
+    """Every option value and named file of the stages in the slice, checked before any stage does work."""
     for name, flag in ((settings.from_stage, "--from-stage"), (settings.to_stage, "--to-stage"), (settings.force_stage, "--force-stage")):
         check_stage(name, flag)
     first, last = STAGES.index(settings.from_stage), STAGES.index(settings.to_stage)
     if first > last:
         raise PipelineError(f"--from-stage {settings.from_stage} comes after --to-stage {settings.to_stage}")
-    forced_from = STAGES.index(settings.force_stage) if settings.force_stage else len(STAGES)
+    if settings.force_stage and not first <= STAGES.index(settings.force_stage) <= last:
+        raise PipelineError(
+            f"--force-stage {settings.force_stage} is outside the stages this command runs ({settings.from_stage} to "
+            f"{settings.to_stage}): nothing would be forced; widen --from-stage/--to-stage or force a stage inside them"
+        )
+    runs = set(STAGES[first : last + 1])
+    if "prepare" in runs and settings.prepare is not None:
+        prepare.check(settings.prepare)
+    elif runs & {"extract", "pack"} and not Path(settings.extract.data_dir).is_dir():
+        raise PipelineError(f"dataset not found: {settings.extract.data_dir}: pass --data-dir training_data/NAME (made by prepare_dataset.py)")
+    if "extract" in runs:
+        extract.check(settings.extract)
+    if "pack" in runs:
+        pack.check(settings.pack)
+    if "train" in runs:
+        train.check(settings.train, model_dir)
+        if settings.force_stage is None or STAGES.index(settings.force_stage) > STAGES.index("train"):
+            train.starting_point(settings.train, project.dir / "checkpoints")  # e.g. --resume-latest with nothing to resume
+    if "merge" in runs:
+        merge.check(settings.merge)
 
+
+def run(settings: PipelineSettings, model_dir: ModelDir, choice: DeviceChoice, project: Project) -> PipelineResult:
+    validate(settings, model_dir, project)
+    first, last = STAGES.index(settings.from_stage), STAGES.index(settings.to_stage)
+    forced_from = STAGES.index(settings.force_stage) if settings.force_stage else len(STAGES)
     project.dir.mkdir(parents=True, exist_ok=True)
-    log_sink = logger.add(project.dir / "logs" / "pipeline.log", rotation="10 MB", retention=5, level="DEBUG")
-    try:
-        with run_lock(project.dir, "pipeline"):
+    with project_lock(project.dir, "pipeline"):
+        log_sink = logger.add(project.dir / "logs" / "pipeline.log", rotation="10 MB", retention=5, level="DEBUG")
+        try:
             return _run_stages(settings, model_dir, choice, project, first, last, forced_from)
-    finally:
-        logger.remove(log_sink)
+        finally:
+            logger.remove(log_sink)
+
+
+def remember(manifest: Manifest, settings: PipelineSettings, model_dir: ModelDir, stage: str) -> None:
+    """The project's memory, updated after each stage that worked: the base model, model version, dataset
+    and training settings it was last run with, so later commands on it (merge, status, a resume) need
+    none of them again."""
+    memory = manifest.data.setdefault("project", {})
+    memory.update(base_model=str(model_dir.path.resolve()), model_version=model_dir.version.name)
+    if stage in ("extract", "pack"):
+        memory["data_dir"] = str(Path(settings.extract.data_dir).resolve())
+    if stage == "train":
+        memory["train"] = {k: v for k, v in settings_record(settings.train).items() if k not in ("resume_from", "resume_latest", "warm_start_from")}
+    manifest.save()
 
 
 def _run_stages(settings, model_dir, choice, project, first, last, forced_from) -> PipelineResult:
     manifest = Manifest(project.manifest_path)
     result = PipelineResult([], [], None, None, None, None)
-    needs_prepare = settings.prepare is not None
 
     for index, stage in enumerate(STAGES):
         if not first <= index <= last:
             continue
+        if stage == "prepare" and settings.prepare is None:
+            continue  # the data is a prepared dataset: prepare does not apply
         forced = index >= forced_from
         started = time.perf_counter()
         if stage == "prepare":
-            if not needs_prepare:
-                result.skipped.append(stage)
-                continue
             prepared = prepare.run(replace(settings.prepare, retranscribe=settings.prepare.retranscribe or forced), choice)
             did_work = prepared.sources_done > 0 or prepared.transcribed > 0
             summary = Path(settings.prepare.output) / prepare.SUMMARY_FILE
-            if did_work or "completed_at" not in manifest.entry("prepare"):
-                manifest.complete("prepare", outputs=manifest.hash_outputs(project.dir, [summary]), clips=prepared.clips)
+            if did_work or manifest.state("prepare") != DONE:
+                manifest.complete("prepare", outputs=manifest.hash_outputs([summary]), clips=prepared.clips)
         elif stage == "extract":
             if forced:
                 manifest.update("extract", clips={})
-            did_work = extract.run(settings.extract, model_dir, choice, manifest).extracted > 0
+            result.details[stage] = extract.run(settings.extract, model_dir, choice, manifest)
+            did_work = result.details[stage].extracted > 0
         elif stage == "pack":
             if forced:
                 manifest.update("pack", inputs={})
-            did_work = not pack.run(settings.pack, model_dir, project, manifest).skipped
+            packed = result.details[stage] = pack.run(settings.pack, model_dir, project, manifest)
+            did_work, result.qa_warnings = not packed.skipped, packed.warnings
         elif stage == "train":
             trained = _train(settings.train, model_dir, choice, project, manifest, forced)
-            if trained is None:
-                did_work = False
-            else:
-                did_work = True
-                result.train_step = trained.step
+            did_work = trained is not None
+            if trained is not None:
+                result.details[stage], result.train_step = trained, trained.step
                 if trained.interrupted:
+                    remember(manifest, settings, model_dir, stage)
                     result.interrupted = trained.interrupted
                     return result
         elif stage == "merge":
-            if forced:
-                (merge.merged_path(project, settings.merge.output_root) / "manifest.json").unlink(missing_ok=True)
-            merged = merge.run(settings.merge, model_dir, choice, project)
+            merged = result.details[stage] = _merge(settings.merge, model_dir, choice, project, manifest, forced)
             result.merged_dir, did_work = merged.merged_dir, not merged.skipped
-            if did_work or "completed_at" not in manifest.entry("merge"):
-                model_files = [merged.merged_dir / "manifest.json", merged.merged_dir / "model.pth"]
-                manifest.complete("merge", checkpoint=merged.checkpoint.name, outputs=manifest.hash_outputs(project.dir, model_files))
         else:
             clip, did_work = _test_clip(settings, model_dir, choice, project, manifest, forced)
             result.test_clip = clip
         (result.ran if did_work else result.skipped).append(stage)
+        remember(manifest, settings, model_dir, stage)
         if did_work:
             timings = manifest.data.setdefault("timings", {})
             timings[stage] = {"seconds": round(time.perf_counter() - started, 2),
                               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             manifest.save()
 
-    from fs_pipeline.report import write_report
+    if last >= STAGES.index("train"):
+        from fs_pipeline.report import write_report
 
-    result.report = write_report(project, manifest_path=project.manifest_path, merged_dir=result.merged_dir, test_clip=result.test_clip)
+        result.report = write_report(project, manifest_path=project.manifest_path, merged_dir=result.merged_dir, test_clip=result.test_clip)
     return result
 
 
 def _train(settings: train.TrainSettings, model_dir, choice, project, manifest: Manifest, forced: bool):
-    """Train unless the project already holds a finished run of these settings and data. Returns None when
-    skipped. Continues from the latest checkpoint of an unfinished run with the same settings."""
+    """Train unless the project already holds a finished run of these settings and data that reached
+    max_steps. Returns None when skipped. The train stage itself continues the latest checkpoint, and
+    refuses one of other settings; forcing moves the old run (checkpoints and metrics) aside first."""
     ckpt_dir = project.dir / "checkpoints"
-    identity = {
-        "settings": {k: v for k, v in settings_record(settings).items() if k not in ("max_steps", "resume_from", "warm_start_from")},
-        "base": model_identity(model_dir, manifest.hash),
-        "data": manifest.entry("pack").get("outputs", {}),
-    }
-    entry = manifest.entry("train")
+    if forced:
+        _move_aside_old_run(project)
+    identity = train.run_identity(settings, model_dir, project)
     latest = checkpoints.latest(ckpt_dir)
-    if forced and ckpt_dir.exists():
-        aside = ckpt_dir.with_name(f"checkpoints.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(ckpt_dir, aside)
-        logger.info(f"--force-stage: previous checkpoints moved to {aside}")
-        latest = None
-    elif latest is not None and entry.get("identity") not in (None, identity):
-        raise PipelineError(
-            f"the checkpoints in {ckpt_dir} come from other training settings or data: pass --force-stage train to start "
-            "over (they are moved aside), or use the settings they were made with"
-        )
-    if not forced and entry.get("completed_at") and entry.get("identity") == identity and latest and latest.step >= settings.max_steps:
+    if (not forced and not settings.resume_from and not settings.warm_start_from and latest and latest.step >= settings.max_steps
+            and manifest.is_current("train", identity=identity)):
         return None
+    train.starting_point(settings, ckpt_dir, identity)  # refuses another run's checkpoints before the stage is marked as running
     manifest.update("train", identity=identity)
-    result = train.run(replace(settings, resume_from=latest.path if latest else None), model_dir, choice, project)
+    result = train.run(settings, model_dir, choice, project)
     if not result.interrupted:
         final = checkpoints.latest(ckpt_dir)
-        manifest.complete("train", identity=identity, step=result.step, outputs=manifest.hash_outputs(project.dir, [final.path]))
+        manifest.complete("train", identity=identity, step=result.step, outputs=manifest.hash_outputs([final.path]))
     return result
+
+
+def _move_aside_old_run(project: Project) -> None:
+    """--force-stage train: the old checkpoints, metrics and TensorBoard logs go to checkpoints.old-TIME/."""
+    old = [project.dir / "checkpoints", project.dir / "logs" / "metrics.jsonl", project.dir / "logs" / "tensorboard"]
+    if not any(path.exists() for path in old):
+        return
+    aside = project.dir / f"checkpoints.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for path in old:
+        if path.exists():
+            shutil.move(path, aside / path.name)
+    logger.info(f"--force-stage: the previous run's checkpoints and metrics moved to {aside}")
+
+
+def _merge(settings: merge.MergeSettings, model_dir, choice, project, manifest: Manifest, forced: bool) -> merge.MergeResult:
+    if forced:
+        (merge.merged_path(project, settings.output_root) / "manifest.json").unlink(missing_ok=True)
+    merged = merge.run(settings, model_dir, choice, project)
+    if not merged.skipped or manifest.state("merge") != DONE:
+        model_files = [merged.merged_dir / "manifest.json", merged.merged_dir / "model.pth"]
+        manifest.complete("merge", checkpoint=merged.checkpoint.name, outputs=manifest.hash_outputs(model_files))
+    return merged
 
 
 def _test_clip(settings, model_dir, choice, project, manifest: Manifest, forced: bool) -> tuple[Path, bool]:
@@ -180,35 +234,22 @@ def _test_clip(settings, model_dir, choice, project, manifest: Manifest, forced:
     merged_dir = merge.merged_path(project, settings.merge.output_root)
     clip = project.dir / "test_clip.wav"
     inputs = {"merged_manifest": manifest.hash(merged_dir / "manifest.json"), "text": TEST_SENTENCE, "settings": asdict(settings.synthesis)}
-    if not forced and manifest.is_current("synthesize", {}, inputs, project.dir):
+    if not forced and manifest.is_current("synthesize", inputs=inputs):
         return clip, False
     from fs_pipeline.models import open_model_dir
 
     speech = Synthesizer(open_model_dir(merged_dir, model_dir.version.name), choice).speak(TEST_SENTENCE, clip, settings.synthesis)
-    manifest.complete("synthesize", settings={}, inputs=inputs, outputs=manifest.hash_outputs(project.dir, [clip]),
+    manifest.complete("synthesize", inputs=inputs, outputs=manifest.hash_outputs([clip]),
                       realtime_factor=round(speech.realtime_factor, 2), audio_seconds=round(speech.audio_seconds, 2))
     return clip, True
 
 
 def status(project: Project) -> list[dict]:
-    """One row per stage: done, stale (with why), incomplete, or not run."""
+    """One row per stage, with the state the run itself decides by (Manifest.state)."""
     manifest = Manifest(project.manifest_path)
-    rows, previous_done_at = [], None
+    rows = []
     for stage in STAGES:
-        entry = manifest.entry(stage)
         timing = manifest.data.get("timings", {}).get(stage, {})
-        done_at = entry.get("completed_at")
-        if not entry:
-            state = "not run"
-        elif not done_at:
-            state = "incomplete (rerun to continue)"
-        elif not manifest.outputs_intact(stage, project.dir):
-            state = "stale: outputs changed or deleted"
-        elif previous_done_at and done_at < previous_done_at:
-            state = "stale: an earlier stage ran since"
-        else:
-            state = "done"
-        rows.append({"stage": stage, "state": state, "completed_at": done_at or "-", "seconds": timing.get("seconds")})
-        if done_at:
-            previous_done_at = max(previous_done_at or done_at, done_at)
+        rows.append({"stage": stage, "state": manifest.state(stage), "completed_at": manifest.entry(stage).get("completed_at", "-"),
+                     "seconds": timing.get("seconds")})
     return rows

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from fs_pipeline.device import select_device
 from fs_pipeline.models import open_model_dir
@@ -46,3 +47,26 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+TRAIN = ["--max-steps", "12", "--checkpoint-every", "4", "--learning-rate", "3e-3", "--warmup-steps", "2"]
+
+
+@pytest.fixture
+def workspace(sample_dataset, tiny_model_path, tmp_path, monkeypatch):
+    """A working directory holding the sample dataset; returns the common flags of a tiny-model run."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(sample_dataset, tmp_path / "training_data" / "voice")
+    return tmp_path, ["--project", "p", "--data-dir", "training_data/voice", "--pretrained-ckpt-path", str(tiny_model_path),
+                      "--num-workers-extract", "0", "--device", "cpu", *TRAIN]
+
+
+def cli(*args):
+    """finetune_tts.py in this process."""
+    return CliRunner().invoke(load_script("finetune_tts").main, list(args))
+
+
+def status_states(project="p"):
+    result = cli("--project", project, "--status")
+    rows = [line.split(maxsplit=1) for line in result.output.splitlines()[2:]]
+    return {stage: rest.split("  ")[0].strip() for stage, rest in rows}

@@ -1,5 +1,6 @@
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -108,11 +109,28 @@ def test_warm_start_takes_adapters_not_progress(project, tiny_model_dir, cpu, tm
     assert losses(other)[0] < losses(project)[0]  # it starts from trained adapters
 
 
-def test_wrong_rank_checkpoint_is_refused(project, tiny_model_dir, cpu):
+def test_resume_with_other_settings_or_data_names_each_difference(project, tiny_model_dir, cpu):
     train.run(train.TrainSettings(max_steps=2, checkpoint_every=2, **FAST), tiny_model_dir, cpu, project)
     last = checkpoints.latest(project.dir / "checkpoints").path
-    with pytest.raises(PipelineError, match=r"has LoRA rank 8 / alpha 16, this run uses rank 4 / alpha 8: pass --lora-config r_8_alpha_16"):
-        train.run(train.TrainSettings(max_steps=4, lora_config="r_4_alpha_8", resume_from=last, **FAST), tiny_model_dir, cpu, project)
+    before = last.read_bytes()
+    other = dict(FAST, learning_rate=1e-3, batch_size=2, seed=7, pack_utterances=True, lora_config="r_4_alpha_8")
+    expected = (r"step_000000002.ckpt was trained with other settings: --batch-size 2 \(checkpoint: 4\), --learning-rate 0.001 "
+                r"\(checkpoint: 0.003\), --lora-config r_4_alpha_8 \(checkpoint: r_8_alpha_16\), --pack-utterances True \(checkpoint: False\), "
+                r"--seed 7 \(checkpoint: 0\): pass the checkpoint's values, or pass --force-stage train to start over")
+    for resume in (dict(resume_from=last), dict(resume_latest=True), {}):  # without a resume flag too: never a second run over the first
+        with pytest.raises(PipelineError, match=expected):
+            train.run(train.TrainSettings(max_steps=4, **other, **resume), tiny_model_dir, cpu, project)
+    with open(project.data_dir / "train.protos", "ab") as f:  # other packed data
+        f.write(b"\x00\x00\x00\x00")
+    with pytest.raises(PipelineError, match="was trained on other packed data"):
+        train.run(train.TrainSettings(max_steps=4, **FAST), tiny_model_dir, cpu, project)
+    assert last.read_bytes() == before and len(list(last.parent.glob("*.ckpt"))) == 1
+
+
+def test_max_steps_may_grow_on_resume(project, tiny_model_dir, cpu):
+    train.run(train.TrainSettings(max_steps=2, checkpoint_every=2, **FAST), tiny_model_dir, cpu, project)
+    result = train.run(train.TrainSettings(max_steps=4, checkpoint_every=2, keep_checkpoints=1, **FAST), tiny_model_dir, cpu, project)
+    assert result.step == 4 and [json.loads(line)["step"] for line in open(project.dir / "logs" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_checkpoint_of_another_base_model_is_refused(project, tiny_model_dir, cpu, tmp_path):
@@ -139,6 +157,23 @@ def test_pruning_keeps_newest_and_best(tmp_path):
     assert sorted(p.name for p in removed) == ["step_000000001.ckpt", "step_000000003.ckpt"]
     assert [i.step for i in checkpoints.list_checkpoints(tmp_path)] == [2, 4, 5]
     assert checkpoints.best(tmp_path).step == 2
+
+
+def test_listing_and_pruning_read_the_small_records_not_the_checkpoints(tmp_path, monkeypatch):
+    for step, val in [(1, 3.0), (2, 1.0), (3, 2.5)]:
+        checkpoints.save(tmp_path, {"step": step, "metrics": {"val_loss": val}, "optimizer": {"big": torch.zeros(1000)}})
+    checkpoints.metadata_path(tmp_path / checkpoints.checkpoint_name(3)).unlink()  # as an older version left it
+    assert checkpoints.latest(tmp_path).step == 3  # loads step 3 once and writes its record
+    assert checkpoints.metadata_path(tmp_path / checkpoints.checkpoint_name(3)).is_file()
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a checkpoint was loaded")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    assert [i.step for i in checkpoints.list_checkpoints(tmp_path)] == [1, 2, 3]
+    assert checkpoints.best(tmp_path).step == 2
+    assert [p.name for p in checkpoints.prune(tmp_path, keep=1)] == ["step_000000001.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step_00000000{s}.{x}" for s in (2, 3) for x in ("ckpt", "json")]
 
 
 def test_bad_settings(project, tiny_model_dir, cpu):
@@ -184,7 +219,7 @@ def test_list_checkpoints_and_resume_flags(cli_project):
 def test_sigint_saves_a_checkpoint_and_resume_continues(cli_project):
     cwd, common = cli_project
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "finetune_tts.py"), *common, "--train", "--max-steps", "100000", "--checkpoint-every", "100000"],
+        [sys.executable, str(REPO / "finetune_tts.py"), *common, "--train", "--max-steps", "40", "--checkpoint-every", "100000"],
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     metrics = cwd / "results" / "p" / "logs" / "metrics.jsonl"
@@ -198,14 +233,18 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(cli_project):
     os.kill(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, f"exit {proc.returncode}\nstdout: {out[-2000:]}\nstderr: {err[-3000:]}"
-    assert "Stopped by SIGINT at step" in out and "--resume-latest" in out
+    assert "Stopped by SIGINT in training at step" in out
     saved = checkpoints.latest(cwd / "results" / "p" / "checkpoints")
-    assert saved is not None and saved.step >= 3
+    assert 3 <= saved.step < 40
     checkpoints.load(saved.path)
 
-    resumed = run_cli([*common, "--train", "--resume-latest", "--max-steps", str(saved.step + 2), "--checkpoint-every", "100000"], cwd)
+    # The command it prints works as printed: the project remembers its base model, dataset and settings.
+    printed = out.splitlines()[out.splitlines().index(next(line for line in out.splitlines() if line.endswith("continue with:"))) + 1]
+    assert printed == "  python finetune_tts.py --project p --train --resume-latest"
+    argv = [sys.executable if word == "python" else str(REPO / word) if word == "finetune_tts.py" else word for word in shlex.split(printed)]
+    resumed = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"Trained to step {saved.step + 2}" in resumed.stdout
+    assert "Trained to step 40" in resumed.stdout
 
 
 def test_test_clips_are_kept_and_scored(project, tiny_model_dir, cpu, monkeypatch):

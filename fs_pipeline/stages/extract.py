@@ -1,9 +1,10 @@
 """Extract: audio clips -> semantic codes.
 
 Reads   <data_dir>/<speaker>/*.wav (each with a non-empty .lab, checked first), the base model's codec
-Writes  <clip>.npy next to each wav: int64 codes, shape (num_codebooks, frames); per-clip records
-        (hashes and audio stats for the QA report) in the manifest's "extract" entry
-Skips   a clip whose audio hash, codec identity and .npy hash match its record
+Writes  <clip>.npy next to each wav: int64 codes, shape (num_codebooks, frames); per-clip records (hashes
+        and audio stats for the QA report) in <data_dir>/.codes.json, which every project on the dataset
+        shares, and a copy in the project manifest's "extract" entry
+Skips   a clip whose audio hash, codec identity and .npy hash match its record, whichever project made it
 """
 
 import time
@@ -21,10 +22,12 @@ from fs_pipeline.audio.io import read_wav
 from fs_pipeline.dataset import Clip, list_clips
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.fileio import atomic_path
-from fs_pipeline.manifest import Manifest, settings_record
+from fs_pipeline.lock import project_lock
+from fs_pipeline.manifest import DONE, Manifest
 from fs_pipeline.models import ModelDir, codec_identity, load_codec
 
 STAGE = "extract"
+CODES_RECORD = ".codes.json"  # in the dataset dir, beside the codes it describes
 FULL_SCALE = 0.999  # samples at or above this magnitude count as clipped
 
 
@@ -44,17 +47,33 @@ class ExtractResult:
     seconds: float
 
 
+def check(settings: ExtractSettings) -> None:
+    if settings.batch_size < 1:
+        raise PipelineError(f"--batch-size-extract must be at least 1 (got {settings.batch_size})")
+    if not settings.max_batch_seconds > 0:
+        raise PipelineError(f"--batch-seconds-extract must be positive (got {settings.max_batch_seconds})")
+    if settings.num_workers < 0:
+        raise PipelineError(f"--num-workers-extract must be 0 or more (got {settings.num_workers})")
+
+
 def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, manifest: Manifest, codec=None) -> ExtractResult:
     """Extract what is stale. `codec` is the loaded codec where the caller holds one; else it is loaded when needed."""
-    started = time.perf_counter()
+    check(settings)
     clips = list_clips(settings.data_dir)
-    codec_id = codec_identity(model_dir, manifest.hash)
-    old_records = manifest.entry(STAGE).get("clips", {})
+    with project_lock(settings.data_dir, "extract"):  # projects on one dataset share its codes
+        return _run(settings, clips, model_dir, choice, manifest, codec)
+
+
+def _run(settings: ExtractSettings, clips: list[Clip], model_dir: ModelDir, choice: DeviceChoice, manifest: Manifest, codec) -> ExtractResult:
+    started = time.perf_counter()
+    shared = Manifest(Path(settings.data_dir) / CODES_RECORD)
+    codec_id = codec_identity(model_dir, shared.hash)
+    shared_records = shared.data.setdefault("clips", {})
     records = {}
     todo = []
     for clip in clips:
-        record = old_records.get(clip.key)
-        if _is_done(clip, record, codec_id, manifest):
+        record = shared_records.get(clip.key)
+        if _is_done(clip, record, codec_id, shared):
             records[clip.key] = record
         else:
             todo.append(clip)
@@ -81,15 +100,17 @@ def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, ma
                     clip = todo[index]
                     clip_codes = codes[row, :, : frames[row]].cpu().numpy().astype(np.int64)
                     _save_npy(clip.npy, clip_codes)
-                    records[clip.key] = {
-                        "audio": manifest.hash(clip.wav), "codec": codec_id, "codes": manifest.hash(clip.npy), **stats[row]
+                    records[clip.key] = shared_records[clip.key] = {
+                        "audio": shared.hash(clip.wav), "codec": codec_id, "codes": shared.hash(clip.npy), **stats[row]
                     }
-                manifest.update(STAGE, codec=codec_id, clips=records)
+                shared.save()  # after the batch's codes: a record never names a file that isn't complete
                 bar.update(sum(durations[todo[i].key] for i in indices))
 
     entry = manifest.entry(STAGE)
-    if todo or records != entry.get("clips") or "completed_at" not in entry:  # a rerun with nothing to do keeps its time
-        manifest.complete(STAGE, settings=settings_record(settings), codec=codec_id, clips=records)
+    # A rerun with nothing to do keeps its completion, so what was made from it stays current.
+    if manifest.state(STAGE) != DONE or records != entry.get("clips"):
+        manifest.complete(STAGE, data_dir=str(Path(settings.data_dir).resolve()), codec=codec_id, clips=records,
+                          outputs=manifest.hash_outputs([c.npy for c in clips]))
     return ExtractResult(len(todo), len(clips) - len(todo), audio_seconds, time.perf_counter() - started)
 
 

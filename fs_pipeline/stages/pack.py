@@ -15,7 +15,7 @@ import soundfile as sf
 from fs_pipeline import PipelineError, qa
 from fs_pipeline.dataset import Clip, list_clips
 from fs_pipeline.fileio import write_json_atomic, write_text_atomic
-from fs_pipeline.manifest import Manifest, settings_record
+from fs_pipeline.manifest import Manifest
 from fs_pipeline.models import ModelDir
 from fs_pipeline.packed import speaker_message, write_protos
 from fs_pipeline.project import Project
@@ -40,16 +40,22 @@ class PackResult:
     warnings: list[str]
 
 
-def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest: Manifest) -> PackResult:
+def check(settings: PackSettings) -> None:
     if not 0 <= settings.val_fraction < 1:
         raise PipelineError(f"--val-fraction {settings.val_fraction} is out of range: use a fraction in [0, 1), e.g. 0.05")
+
+
+def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest: Manifest) -> PackResult:
+    check(settings)
     clips = list_clips(settings.data_dir)
     missing = [c.key for c in clips if not c.npy.is_file()]
     if missing:
         raise PipelineError(f"{len(missing)} clip(s) have no codes yet (first: {missing[0]}): run --extract-tokens first")
     inputs = {c.key: {"lab": manifest.hash(c.lab), "codes": manifest.hash(c.npy)} for c in clips}
-    record = settings_record(settings) | {"num_codebooks": model_dir.num_codebooks, "max_seq_len": model_dir.config["max_seq_len"]}
-    if manifest.is_current(STAGE, record, inputs, project.dir):
+    # Content, not paths: the same dataset under another spelling of its path is the same data.
+    record = {"val_fraction": settings.val_fraction, "split_seed": settings.split_seed, "num_codebooks": model_dir.num_codebooks,
+              "max_seq_len": model_dir.config["max_seq_len"]}
+    if manifest.is_current(STAGE, settings=record, inputs=inputs):
         entry = manifest.entry(STAGE)
         return PackResult(True, entry["train_utterances"], entry["val_utterances"], entry["warnings"])
 
@@ -66,7 +72,7 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
     outputs = {}
     for file, wanted in ((TRAIN_FILE, False), (VAL_FILE, True)):
         messages = [
-            speaker_message(speaker, str(settings.data_dir), [(texts[c.key], codes[c.key]) for c in members if (c.key in val_keys) == wanted])
+            speaker_message(speaker, Path(settings.data_dir).resolve().name, [(texts[c.key], codes[c.key]) for c in members if (c.key in val_keys) == wanted])
             for speaker, members in sorted(by_speaker.items())
         ]
         outputs[file] = project.data_dir / file
@@ -82,7 +88,7 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
         STAGE,
         settings=record,
         inputs=inputs,
-        outputs=manifest.hash_outputs(project.dir, list(outputs.values())),
+        outputs=manifest.hash_outputs(list(outputs.values())),
         split=sorted(val_keys),
         train_utterances=result.train_utterances,
         val_utterances=result.val_utterances,

@@ -30,7 +30,8 @@ from fs_pipeline.audio import loudness, segmentation
 from fs_pipeline.audio.io import UnreadableAudio, decode, read_wav, write_wav
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.fileio import write_json_atomic, write_text_atomic
-from fs_pipeline.manifest import Manifest, run_lock
+from fs_pipeline.lock import project_lock
+from fs_pipeline.manifest import Manifest
 
 MEDIA_SUFFIXES = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".wma", ".mp4", ".webm", ".mkv", ".mov", ".avi"}
 TRANSCRIPT_SUFFIXES = (".lab", ".txt")
@@ -89,7 +90,7 @@ class PrepareResult:
 
 def run(settings: PrepareSettings, choice: DeviceChoice) -> PrepareResult:
     started = time.perf_counter()
-    _check(settings)
+    check(settings)
     output = Path(settings.output)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,7 @@ def run(settings: PrepareSettings, choice: DeviceChoice) -> PrepareResult:
     except OSError as e:
         raise PipelineError(f"cannot write to {output} ({e.strerror}): choose another --output or fix its permissions") from e
 
-    with run_lock(output, "prepare"):
+    with project_lock(output, "prepare"):
         skipped: list[dict] = []
         sources = _gather(settings, output, skipped)
         state = Manifest(output / STATE_FILE)
@@ -163,7 +164,7 @@ def run(settings: PrepareSettings, choice: DeviceChoice) -> PrepareResult:
     return PrepareResult(len(clips), decoded_seconds, time.perf_counter() - started, sources_done, transcribed, skipped)
 
 
-def _check(settings: PrepareSettings) -> None:
+def check(settings: PrepareSettings) -> None:
     if not settings.inputs:
         raise PipelineError("no --input given: pass a folder, a file or a URL")
     if not re.fullmatch(r"[^/\\\0]+", settings.speaker) or settings.speaker.startswith("."):

@@ -3,7 +3,10 @@
 Reads   results/<project>/data/train.protos, val.protos (from pack), the base model
 Writes  results/<project>/checkpoints/step_*.ckpt (every --checkpoint-every steps, on interrupt, at the end),
         results/<project>/logs/metrics.jsonl and TensorBoard events
-Skips   nothing by itself: --max-steps is the total, so resuming from a checkpoint at that step trains no more
+Resumes the latest checkpoint when there is one: a run is continued, never overwritten by another. The
+        checkpoint must have been made with the same settings (RUN_SETTINGS), base model and packed data;
+        otherwise it stops before any work, naming each difference. --max-steps is the total, so it may
+        grow, and resuming at that step trains no more.
 
 The story: load the base, add adapters, build the examples, set up the optimizer; restore a checkpoint
 when resuming; then step until max_steps, validating and checkpointing on the way. Examples are drawn in
@@ -12,6 +15,7 @@ run sees exactly the batches an uninterrupted run would.
 """
 
 import functools
+import hashlib
 import json
 import math
 import random
@@ -28,6 +32,7 @@ from fs_pipeline import PipelineError, checkpoints
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.lora import LoraSettings, add_lora, load_lora_state, lora_state_dict, prepare_for_training
 from fs_pipeline.modeling import IGNORE, forward, frame_index
+from fs_pipeline.fileio import file_hash, write_text_atomic
 from fs_pipeline.models import ModelDir, build_llm, load_llm_weights, model_identity
 from fs_pipeline.packed import read_protos
 from fs_pipeline.project import Project
@@ -53,10 +58,17 @@ class TrainSettings:
     val_every: int | None = None  # default: checkpoint_every
     keep_checkpoints: int = 5
     seed: int = 0
-    resume_from: Path | None = None  # a checkpoint to continue exactly
+    resume_from: Path | None = None  # a checkpoint to continue exactly (default: the latest of the project)
+    resume_latest: bool = False  # the user asked to continue: an error when there is nothing to continue
     warm_start_from: Path | None = None  # a checkpoint whose adapters start a fresh run
     test_clips: bool = False  # speak TEST_SENTENCES at each checkpoint and score them with ASR (WER)
     test_clips_whisper_model: str = "base"
+
+
+# What decides which examples a run sees and how its weights move: a resumed run must have the same values.
+# The rest may change between a run and its resume (max_steps is the total to train to).
+RUN_SETTINGS = ("batch_size", "learning_rate", "gradient_accumulation_steps", "lora_config", "warmup_steps", "lr_schedule",
+                "max_grad_norm", "max_length", "pack_utterances", "seed")
 
 
 @dataclass(frozen=True)
@@ -68,23 +80,82 @@ class TrainResult:
     val_loss: float | None
 
 
+def run_identity(settings: TrainSettings, model_dir: ModelDir, project: Project) -> dict:
+    """What made a run: its RUN_SETTINGS, the base model and the packed data, by content. Checkpoints record
+    it, and a resume must match it."""
+    data = hashlib.sha256()
+    for name in (TRAIN_FILE, VAL_FILE):
+        path = project.data_dir / name
+        data.update(file_hash(path).encode() if path.is_file() else b"-")
+    return {"settings": {name: getattr(settings, name) for name in RUN_SETTINGS}, "base": model_identity(model_dir),
+            "version": model_dir.version.name, "data": data.hexdigest()[:16]}
+
+
+def check(settings: TrainSettings, model_dir: ModelDir | None = None) -> None:
+    """Every training setting, checked before any stage does work."""
+    if settings.resume_from and settings.warm_start_from:
+        raise PipelineError("resuming and warm-starting at once: pass either a resume flag or --checkpoint-path, not both")
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+        if getattr(settings, name) < 1:
+            raise PipelineError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(settings, name)})")
+    for name in ("warmup_steps", "keep_checkpoints"):
+        if getattr(settings, name) < 0:
+            raise PipelineError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(settings, name)})")
+    if settings.val_every is not None and settings.val_every < 1:
+        raise PipelineError(f"--val-every must be at least 1 (got {settings.val_every})")
+    if not settings.learning_rate > 0:
+        raise PipelineError(f"--learning-rate must be positive (got {settings.learning_rate})")
+    if settings.lr_schedule not in ("constant", "cosine"):
+        raise PipelineError(f"unknown --lr-schedule '{settings.lr_schedule}': use constant or cosine")
+    LoraSettings.from_name(settings.lora_config)
+    if settings.max_length is not None and settings.max_length < 1:
+        raise PipelineError(f"--max-length must be at least 1 (got {settings.max_length})")
+    if model_dir is not None and settings.max_length and settings.max_length > model_dir.config["max_seq_len"]:
+        raise PipelineError(f"--max-length {settings.max_length} exceeds the model's max_seq_len {model_dir.config['max_seq_len']}: pass at most that")
+    for path, flag in ((settings.resume_from, "--resume-from-checkpoint"), (settings.warm_start_from, "--checkpoint-path")):
+        if path is not None and not Path(path).is_file():
+            raise PipelineError(f"{flag}: checkpoint not found: {path}: list them with --list-checkpoints")
+
+
+def starting_point(settings: TrainSettings, ckpt_dir: Path, identity: dict | None = None) -> Path | None:
+    """The checkpoint a run continues: the one asked for, else the latest, checked to come from the same
+    run (`identity`, where given). Never a fresh run over the checkpoints of another (that would mix two
+    runs in one folder)."""
+    latest = checkpoints.latest(ckpt_dir)
+    if settings.warm_start_from:
+        if latest is not None:
+            raise PipelineError(
+                f"{ckpt_dir} already holds checkpoints (up to step {latest.step}): a warm start there would mix two runs; "
+                "pass --force-stage train to move them aside first"
+            )
+        return None
+    if settings.resume_latest and latest is None and settings.resume_from is None:
+        raise PipelineError(f"--resume-latest: no checkpoint in {ckpt_dir} yet: run without it to start training")
+    resume = settings.resume_from or (latest.path if latest else None)
+    if resume is not None and identity is not None:
+        checkpoints.check_same_run(checkpoints.info(resume).run, resume, identity)
+    return resume
+
+
 def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, project: Project) -> TrainResult:
-    _check(settings)
+    check(settings, model_dir)
     lora = LoraSettings.from_name(settings.lora_config)
-    identity = model_identity(model_dir)
     ckpt_dir = project.dir / "checkpoints"
     max_length = settings.max_length or model_dir.config["max_seq_len"]
-    if max_length > model_dir.config["max_seq_len"]:
-        raise PipelineError(f"--max-length {max_length} exceeds the model's max_seq_len {model_dir.config['max_seq_len']}: pass at most that")
+    identity = run_identity(settings, model_dir, project)
 
-    resume = settings.resume_from or settings.warm_start_from
-    payload = checkpoints.load(resume) if resume else None
-    if payload:
-        checkpoints.check_compatible(payload, resume, identity, model_dir.version.name, lora.as_dict())
+    resume = starting_point(settings, ckpt_dir, identity)
+    if resume:
+        payload = checkpoints.load(resume)
+    elif settings.warm_start_from:
+        payload = checkpoints.load(settings.warm_start_from)
+        checkpoints.check_compatible(payload, settings.warm_start_from, identity["base"], model_dir.version.name, lora.as_dict())
+    else:
+        payload = None
 
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)  # before the adapters are initialised
-    model = prepare_model(model_dir, lora, choice, payload["lora"] if payload else None, resume)
+    model = prepare_model(model_dir, lora, choice, payload["lora"] if payload else None, resume or settings.warm_start_from)
     if settings.compile:
         compile_blocks(model)
 
@@ -98,14 +169,14 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
     step, consumed = 0, 0
-    if settings.resume_from:
+    if resume:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         checkpoints.restore_rng(payload["rng"])
         step, consumed = payload["step"], payload["data"]["consumed"]
         logger.info(f"resuming from {resume} at step {step}")
     elif settings.warm_start_from:
-        logger.info(f"warm start: adapters from {resume}, fresh optimizer, step 0")
+        logger.info(f"warm start: adapters from {settings.warm_start_from}, fresh optimizer, step 0")
 
     scorer = _TestClips(settings, model_dir, choice) if settings.test_clips else None
 
@@ -118,7 +189,8 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
                 "step": step,
                 "lora": lora_state_dict(model),
                 "lora_config": lora.as_dict(),
-                "base_model": {"identity": identity, "version": model_dir.version.name},
+                "base_model": {"identity": identity["base"], "version": model_dir.version.name},
+                "run": identity,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": checkpoints.rng_state(),
@@ -129,7 +201,7 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
         checkpoints.prune(ckpt_dir, settings.keep_checkpoints)
         return path
 
-    log = _MetricsLog(project.dir / "logs")
+    log = _MetricsLog(project.dir / "logs", step)
     stop = _StopSignal()
     val_every = settings.val_every or settings.checkpoint_every
     last_path, train_loss, val_loss = None, None, None
@@ -193,16 +265,6 @@ def compile_blocks(model) -> None:
     """torch.compile every transformer block, fusing its many small norm, RoPE and LoRA kernels."""
     for block in [*model.layers, *model.fast_layers]:
         block.compile()
-
-
-def _check(settings: TrainSettings) -> None:
-    if settings.resume_from and settings.warm_start_from:
-        raise PipelineError("resuming and warm-starting at once: pass either a resume flag or --checkpoint-path, not both")
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
-        if getattr(settings, name) < 1:
-            raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
-    if settings.lr_schedule not in ("constant", "cosine"):
-        raise PipelineError(f"unknown --lr-schedule '{settings.lr_schedule}': use constant or cosine")
 
 
 def _lr_lambda(settings: TrainSettings):
@@ -357,14 +419,20 @@ class _TestClips:
 
 
 class _MetricsLog:
-    """metrics.jsonl (one JSON object per step) and TensorBoard scalars, under results/<project>/logs/."""
+    """metrics.jsonl (one JSON object per step) and TensorBoard scalars, under results/<project>/logs/.
+    A run that starts at `step` (a resume) first drops what was logged after it, by a run that was
+    killed after its last checkpoint, so that each step is logged once."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, step: int):
         from torch.utils.tensorboard import SummaryWriter
 
+        path = folder / "metrics.jsonl"
+        if path.is_file():
+            rows = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if _logged_step(line) <= step]
+            write_text_atomic(path, "".join(rows))
         folder.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(folder / "metrics.jsonl", "a", encoding="utf-8")
-        self.board = SummaryWriter(str(folder / "tensorboard"))
+        self.jsonl = open(path, "a", encoding="utf-8")
+        self.board = SummaryWriter(str(folder / "tensorboard"), purge_step=step + 1)
 
     def write(self, metrics: dict) -> None:
         self.jsonl.write(json.dumps(metrics) + "\n")
@@ -376,6 +444,14 @@ class _MetricsLog:
     def close(self) -> None:
         self.jsonl.close()
         self.board.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn last line (a kill mid-write) counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class _StopSignal:
