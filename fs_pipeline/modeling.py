@@ -10,7 +10,8 @@ model's modules, matching what its inference code (`forward_generate`) computes:
 3. Fast transformer at every position whose label is a semantic token: its input is the slow hidden
    state followed by the embeddings of codebooks 0..n-2; its outputs predict codebooks 0..n-1.
 
-Loss = cross-entropy on the tokens + cross-entropy on the codebooks.
+Loss = cross-entropy on the tokens + cross-entropy on the codebooks, each a mean over its own targets:
+the tokens whose label is not IGNORE, and every codebook of every frame.
 """
 
 import math
@@ -25,10 +26,19 @@ IGNORE = -100
 
 @dataclass
 class ForwardResult:
-    loss: torch.Tensor
-    token_loss: torch.Tensor
-    codebook_loss: torch.Tensor
-    top5_accuracy: torch.Tensor
+    """One batch's losses. The means weigh every target of this batch alike; the sums and counts let a
+    caller weigh every target of several micro-batches alike (token-weighted accumulation): the loss of the
+    effective batch is sum(token_loss_sum) / sum(tokens) + sum(codebook_loss_sum) / sum(codebook_targets),
+    with the counts known before any micro-batch runs (target_counts)."""
+
+    loss: torch.Tensor  # token_loss + codebook_loss, with gradients
+    token_loss: torch.Tensor  # token_loss_sum / tokens, detached
+    codebook_loss: torch.Tensor  # codebook_loss_sum / codebook_targets, detached
+    top5_accuracy: torch.Tensor  # over the token targets
+    token_loss_sum: torch.Tensor  # cross-entropy summed over the token targets, with gradients
+    codebook_loss_sum: torch.Tensor  # cross-entropy summed over the codebook targets, with gradients
+    tokens: torch.Tensor  # token targets: positions whose label is not IGNORE
+    codebook_targets: torch.Tensor  # frames x num_codebooks
 
 
 def embed(model, inputs: torch.Tensor) -> torch.Tensor:
@@ -73,12 +83,21 @@ def fast_forward(model, hidden: torch.Tensor, codes: torch.Tensor, gradient_chec
     return model.fast_output(model.fast_norm(x))
 
 
+def _is_frame(model, labels: torch.Tensor) -> torch.Tensor:
+    ids = labels[:, 0]
+    return (ids >= model.tokenizer.semantic_begin_id) & (ids <= model.tokenizer.semantic_end_id)
+
+
 def frame_index(model, labels: torch.Tensor) -> torch.Tensor:
     """Flat indices into (batch * length) of the positions whose label is a semantic token, where the fast
     transformer runs. Computed on CPU labels before a batch moves to the GPU, it costs the GPU no sync."""
-    ids = labels[:, 0].flatten()
-    tokenizer = model.tokenizer
-    return ((ids >= tokenizer.semantic_begin_id) & (ids <= tokenizer.semantic_end_id)).nonzero().squeeze(1)
+    return _is_frame(model, labels).flatten().nonzero().squeeze(1)
+
+
+def target_counts(model, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token targets, codebook targets) of a batch: what its token and codebook losses average over.
+    From CPU labels, a training step can add them up over its micro-batches before running any."""
+    return (labels[:, 0] != IGNORE).sum(), _is_frame(model, labels).sum() * model.config.num_codebooks
 
 
 def forward(model, inputs: torch.Tensor, labels: torch.Tensor, frames: torch.Tensor | None = None,
@@ -87,20 +106,29 @@ def forward(model, inputs: torch.Tensor, labels: torch.Tensor, frames: torch.Ten
     `frames` is frame_index(model, labels), found here when not given."""
     if frames is None:
         frames = frame_index(model, labels)
+    tokens, codebook_targets = target_counts(model, labels)
     token_logits, hidden = slow_forward(model, inputs, gradient_checkpointing)
     token_labels = labels[:, 0]
-    token_loss = F.cross_entropy(token_logits.float().flatten(0, 1), token_labels.flatten(), ignore_index=IGNORE)
+    token_loss_sum = F.cross_entropy(
+        token_logits.float().flatten(0, 1), token_labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
 
     frame_codes = labels[:, 1:].transpose(1, 2).flatten(0, 1).index_select(0, frames)  # (frames, num_codebooks)
     codebook_logits = fast_forward(model, hidden.flatten(0, 1).index_select(0, frames), frame_codes, gradient_checkpointing)
-    codebook_loss = F.cross_entropy(codebook_logits.float().flatten(0, 1), frame_codes.flatten())
+    codebook_loss_sum = F.cross_entropy(codebook_logits.float().flatten(0, 1), frame_codes.flatten(), reduction="sum")
 
-    valid = token_labels != IGNORE
+    # a batch without targets of a kind (e.g. a micro-batch whose frames were all truncated away) adds 0, not NaN
+    token_loss = token_loss_sum / tokens.clamp(min=1)
+    codebook_loss = codebook_loss_sum / codebook_targets.clamp(min=1)
     top5 = token_logits.topk(5, dim=-1).indices
-    hits = (top5 == token_labels[..., None]).any(dim=-1) & valid
+    hits = (top5 == token_labels[..., None]).any(dim=-1) & (token_labels != IGNORE)
     return ForwardResult(
         loss=token_loss + codebook_loss,
         token_loss=token_loss.detach(),
         codebook_loss=codebook_loss.detach(),
-        top5_accuracy=hits.sum() / valid.sum().clamp(min=1),
+        top5_accuracy=hits.sum() / tokens.clamp(min=1),
+        token_loss_sum=token_loss_sum,
+        codebook_loss_sum=codebook_loss_sum,
+        tokens=tokens,
+        codebook_targets=codebook_targets,
     )

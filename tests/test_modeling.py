@@ -1,10 +1,32 @@
-"""Our forward pass against fish-speech's own inference code, and the shared prompt format."""
+"""Our forward and loss against fish-speech's own inference code, and the shared prompt format.
 
+The reference is fish-speech 0.1.0 decoding the training sequence teacher-forced, as its inference code
+runs: KV caches from `setup_caches`, the prompt prefilled by `forward_generate` (return_all=True), then
+one position at a time, and wherever a frame follows, the fast transformer step by step with its own caches, as
+`decode_one_token_ar` does. Upstream knows nothing of batches or padding: each row runs alone, unpadded.
+
+The batch holds rows of different lengths (right-padded) and a packed row of several utterances.
+
+Tolerance: 1e-5 absolute on logits, fp32 on CPU. The random tiny model's logits lie within +-0.7 (std
+0.16), and batched attention rounds differently from attention against a KV cache by at most 3e-7 here:
+1e-5 leaves 30x headroom for other BLAS builds. Real bugs move logits by far more than that: without
+the codebook-embedding scale by 0.19, with the fast transformer fed the wrong codes or the normed hidden
+state by 0.3 to 0.6, with attention that sees the rest of the row by 0.7. Label-side bugs (a shift by
+one, a codebook target off by one, a wrong count) do not touch logits: the loss test catches those.
+"""
+
+import pytest
 import torch
 
-from fs_pipeline.modeling import fast_forward, slow_forward
+from fs_pipeline.modeling import IGNORE, fast_forward, forward, frame_index, slow_forward, target_counts
 from fs_pipeline.models import load_llm
 from fs_pipeline.prompt import prompt_values, training_example
+
+LOGITS = dict(rtol=0, atol=1e-5)
+# Cross-entropy is logsumexp(z) - z[target]: logits within 1e-5 move each target's loss by at most 2e-5.
+PER_TARGET = 2e-5
+# Rows of (text, frames) turns: two single utterances of different lengths and a packed row.
+ROWS = [[("Hello there.", 6)], [("Hi.", 3), ("The weather is calm.", 5), ("Yes.", 4)], [("One two three four.", 9)]]
 
 
 def codes_for(model, frames: int) -> torch.Tensor:
@@ -12,28 +34,178 @@ def codes_for(model, frames: int) -> torch.Tensor:
     return torch.randint(0, 32, (model.config.num_codebooks, frames))
 
 
-def test_slow_forward_matches_fish_speech_inference(tiny_model_dir, cpu):
-    model = load_llm(tiny_model_dir, cpu)
-    inputs, _ = training_example(model.tokenizer, [("Hello there.", codes_for(model, 6))], model.config.num_codebooks)
-    with torch.inference_mode():
-        ours, hidden = slow_forward(model, inputs[None])
-        theirs = model.forward_generate(inputs[None])  # no KV cache: the whole prompt, last position out
-    torch.testing.assert_close(ours[:, -1:], theirs.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(hidden[:, -1:], theirs.hidden_states, rtol=1e-5, atol=1e-5)
+def batch_rows(model) -> list[list[tuple[str, torch.Tensor]]]:
+    """ROWS with random codes over the whole codebook (semantic ids up to the last one)."""
+    generator = torch.Generator().manual_seed(0)
+    n, size = model.config.num_codebooks, model.config.codebook_size
+    return [[(text, torch.randint(0, size, (n, frames), generator=generator)) for text, frames in row] for row in ROWS]
 
 
-def test_fast_forward_matches_fish_speech_inference(tiny_model_dir, cpu):
-    model = load_llm(tiny_model_dir, cpu)
-    n = model.config.num_codebooks
-    torch.manual_seed(1)
-    hidden = torch.randn(1, model.config.dim)
-    codes = torch.randint(0, 32, (1, n))
+def pad(model, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training examples right-padded as the train loop pads them: 0 inputs, IGNORE labels."""
+    examples = [training_example(model.tokenizer, turns, model.config.num_codebooks) for turns in rows]
+    length = max(x.shape[1] for x, _ in examples)
+    inputs = torch.zeros(len(examples), model.config.num_codebooks + 1, length, dtype=torch.long)
+    labels = torch.full_like(inputs, IGNORE)
+    for i, (x, y) in enumerate(examples):
+        inputs[i, :, : x.shape[1]] = x
+        labels[i, :, : y.shape[1]] = y
+    return inputs, labels
+
+
+def is_semantic(model, ids: torch.Tensor) -> torch.Tensor:
+    return (ids >= model.tokenizer.semantic_begin_id) & (ids <= model.tokenizer.semantic_end_id)
+
+
+def upstream_decode(model, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fish-speech's token logits at positions 0..length-2 of `sequence` (num_codebooks + 1, length), and
+    its codebook logits (frames, num_codebooks, codebook_size) at each of those positions that the next
+    position is a frame, fed that frame's codes as synthesis feeds what it sampled."""
+    from fish_speech.models.text2semantic.llama import BaseTransformer
+
+    n, begin = model.config.num_codebooks, model.tokenizer.semantic_begin_id
+    length = sequence.shape[1]
+    prompt_length = int(is_semantic(model, sequence[0]).nonzero()[0])  # synthesis prompts up to the audio
+    # inference sizes the caches to config.max_seq_len; the causal mask hides every cache slot past the
+    # query, so caches of the sequence's length give the same logits, sooner
+    model.setup_caches(max_batch_size=1, max_seq_len=length, dtype=torch.float32)
+    # DualARTransformer.forward_generate has no return_all; it is its parent's plus fast_project_in
+    prompt = sequence[None, :, :prompt_length]
+    prefill = BaseTransformer.forward_generate(model, prompt, torch.arange(prompt_length), return_all=True)
+    logits, hidden = [prefill.logits[0]], [model.fast_project_in(prefill.hidden_states[0])]
+    for t in range(prompt_length, length - 1):
+        step = model.forward_generate(sequence[None, :, t : t + 1], torch.tensor([t]))
+        logits.append(step.logits[0])
+        hidden.append(step.hidden_states[0])
+    hidden = torch.cat(hidden)
+
+    codebook_logits = []
+    for t in (is_semantic(model, sequence[0, 1:])).nonzero().squeeze(1).tolist():
+        for layer in model.fast_layers:
+            layer.attention.kv_cache.k_cache.fill_(0)
+            layer.attention.kv_cache.v_cache.fill_(0)
+        # as decode_one_token_ar: codebook 0 from the semantic token, then the frame's codes 1..n-2
+        fed = torch.cat([sequence[0, t + 1 : t + 2] - begin, sequence[2:n, t + 1]])
+        steps = [hidden[t : t + 1]] + [model.fast_embeddings(fed[i : i + 1]) for i in range(n - 1)]
+        codebook_logits.append(torch.cat([model.forward_generate_fast(x, torch.tensor([i]))[0] for i, x in enumerate(steps)]))
+    return torch.cat(logits), torch.stack(codebook_logits)
+
+
+@pytest.fixture(scope="module")
+def upstream(tiny_model_dir, cpu) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per row of the batch: its unshifted sequence, and upstream_decode's token and codebook logits."""
+    model = load_llm(tiny_model_dir, cpu)  # a private one: setup_caches changes it
+    sequences = [prompt_values(model.tokenizer, turns, model.config.num_codebooks) for turns in batch_rows(model)]
     with torch.inference_mode():
-        ours = fast_forward(model, hidden, codes)[0]
-        model.setup_caches(max_batch_size=1, max_seq_len=16, dtype=torch.float32)
-        steps = [hidden] + [model.fast_embeddings(codes[:, i]) for i in range(n - 1)]
-        theirs = [model.forward_generate_fast(x, torch.tensor([i]))[0, 0] for i, x in enumerate(steps)]
-    torch.testing.assert_close(ours, torch.stack(theirs), rtol=1e-5, atol=1e-5)
+        return [(sequence, *upstream_decode(model, sequence)) for sequence in sequences]
+
+
+def reference_losses(model, sequence: torch.Tensor, token_logits: torch.Tensor, codebook_logits: torch.Tensor) -> dict:
+    """Summed cross-entropies and target counts by the format's rules, from the unshifted sequence: position
+    t predicts position t+1; only predictions of a frame or of the <|im_end|> closing a turn count (the
+    text is given, not learnt); where t+1 is a frame, codebook k's target is its code k."""
+    following = sequence[:, 1:]
+    counted = is_semantic(model, following[0]) | (following[0] == model.tokenizer.get_token_id("<|im_end|>"))
+    targets = following[0, counted]
+    rows = token_logits[counted]
+    token_ce = rows.logsumexp(-1) - rows.gather(-1, targets[:, None])[:, 0]
+    codes = following[1:, is_semantic(model, following[0])].T  # (frames, num_codebooks)
+    codebook_ce = codebook_logits.logsumexp(-1) - codebook_logits.gather(-1, codes[..., None])[..., 0]
+    return {
+        "token_sum": token_ce.sum(), "tokens": len(targets),
+        "codebook_sum": codebook_ce.sum(), "codebook_targets": codes.numel(),
+    }
+
+
+def ours(model, inputs, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our token logits, frame index, and codebook logits at the frames, as forward computes them."""
+    token_logits, hidden = slow_forward(model, inputs)
+    frames = frame_index(model, labels)
+    codes = labels[:, 1:].transpose(1, 2).flatten(0, 1)[frames]
+    return token_logits, frames, fast_forward(model, hidden.flatten(0, 1)[frames], codes)
+
+
+def test_logits_match_fish_speech_inference_at_every_position(tiny_model_dir, cpu, upstream):
+    model = load_llm(tiny_model_dir, cpu)
+    inputs, labels = pad(model, batch_rows(model))
+    with torch.inference_mode():
+        token_logits, frames, codebook_logits = ours(model, inputs, labels)
+    start = 0
+    for i, (sequence, their_tokens, their_codebooks) in enumerate(upstream):
+        torch.testing.assert_close(token_logits[i, : sequence.shape[1] - 1], their_tokens, **LOGITS)
+        # the fast transformer runs exactly where the next position is a frame, in row order
+        positions = is_semantic(model, sequence[0, 1:]).nonzero().squeeze(1)
+        assert torch.equal(frames[start : start + len(positions)], i * inputs.shape[-1] + positions)
+        torch.testing.assert_close(codebook_logits[start : start + len(positions)], their_codebooks, **LOGITS)
+        start += len(positions)
+    assert start == len(frames)
+
+
+def test_loss_matches_a_reference_from_fish_speech_logits(tiny_model_dir, cpu, upstream):
+    model = load_llm(tiny_model_dir, cpu)
+    with torch.inference_mode():
+        result = forward(model, *pad(model, batch_rows(model)))
+    expected = {"token_sum": 0.0, "tokens": 0, "codebook_sum": 0.0, "codebook_targets": 0}
+    for row in upstream:
+        for key, value in reference_losses(model, *row).items():
+            expected[key] += value
+    assert (int(result.tokens), int(result.codebook_targets)) == (expected["tokens"], expected["codebook_targets"])
+    close = lambda ours, theirs, count: torch.testing.assert_close(ours, theirs, rtol=0, atol=PER_TARGET * count)  # noqa: E731
+    close(result.token_loss_sum, expected["token_sum"], expected["tokens"])
+    close(result.codebook_loss_sum, expected["codebook_sum"], expected["codebook_targets"])
+    close(result.token_loss, expected["token_sum"] / expected["tokens"], 1)
+    close(result.codebook_loss, expected["codebook_sum"] / expected["codebook_targets"], 1)
+    close(result.loss, result.token_loss + result.codebook_loss, 0)
+
+
+def test_padding_changes_nothing_at_real_positions(tiny_model_dir, cpu):
+    model = load_llm(tiny_model_dir, cpu)
+    rows = batch_rows(model)
+    inputs, labels = pad(model, rows)
+    # whatever the padding holds: fill it with semantic tokens and codes, which a leak would pick up
+    lengths = torch.tensor([pad(model, [turns])[0].shape[-1] for turns in rows])
+    padding = (torch.arange(inputs.shape[-1]) >= lengths[:, None])[:, None]
+    torch.manual_seed(2)
+    garbage = torch.randint(0, model.config.codebook_size, inputs.shape)
+    garbage[:, 0] += model.tokenizer.semantic_begin_id
+    inputs = torch.where(padding, garbage, inputs)
+    with torch.inference_mode():
+        batch_tokens, batch_frames, batch_codebooks = ours(model, inputs, labels)
+        batch = forward(model, inputs, labels)
+        start, sums = 0, torch.zeros(4)
+        for i, turns in enumerate(rows):
+            alone_inputs, alone_labels = pad(model, [turns])
+            alone_tokens, alone_frames, alone_codebooks = ours(model, alone_inputs, alone_labels)
+            length = alone_inputs.shape[-1]
+            torch.testing.assert_close(batch_tokens[i, :length], alone_tokens[0], **LOGITS)
+            torch.testing.assert_close(batch_codebooks[start : start + len(alone_frames)], alone_codebooks, **LOGITS)
+            start += len(alone_frames)
+            alone = forward(model, alone_inputs, alone_labels)
+            sums += torch.stack([alone.token_loss_sum, alone.tokens, alone.codebook_loss_sum, alone.codebook_targets])
+    assert start == len(batch_frames)
+    # a batch's sums and counts are those of its rows: what token-weighted accumulation adds up
+    assert (int(batch.tokens), int(batch.codebook_targets)) == (int(sums[1]), int(sums[3]))
+    torch.testing.assert_close(batch.token_loss_sum, sums[0], rtol=0, atol=PER_TARGET * sums[1])
+    torch.testing.assert_close(batch.codebook_loss_sum, sums[2], rtol=0, atol=PER_TARGET * sums[3])
+
+
+def test_token_weighted_accumulation_gives_the_whole_batch_gradients(tiny_model_dir, cpu):
+    model = load_llm(tiny_model_dir, cpu)
+    rows = batch_rows(model)  # of different token counts, so that a mean of per-row means would differ
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    forward(model, *pad(model, rows)).loss.backward()
+    whole = torch.cat([p.grad.flatten() for p in params])
+    model.zero_grad()
+
+    micro_batches = [pad(model, [turns]) for turns in rows]
+    tokens, codebook_targets = map(sum, zip(*(target_counts(model, labels) for _, labels in micro_batches)))
+    for inputs, labels in micro_batches:
+        result = forward(model, inputs, labels)
+        (result.token_loss_sum / tokens + result.codebook_loss_sum / codebook_targets).backward()
+    accumulated = torch.cat([p.grad.flatten() for p in params])
+    # relative to the largest gradient: fp32 sums in another order differ by ~1e-7 of it
+    torch.testing.assert_close(accumulated, whole, rtol=0, atol=1e-5 * whole.abs().max())
 
 
 def test_synthesis_prompt_is_the_training_sequence_up_to_the_audio(tiny_model_dir, cpu):
