@@ -46,7 +46,6 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
     """torch.profiler over `measured` training steps (after `warmup`), model loading excluded: the same
     forward, backward and optimizer step as the train stage."""
     from fs_pipeline.lora import LoraSettings
-    from fs_pipeline.modeling import forward
 
     model = train.prepare_model(model_dir, LoraSettings.from_name(settings.lora_config), choice)
     if settings.compile:
@@ -56,14 +55,11 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
 
     def step(index: int) -> None:
-        inputs, labels, frames, _ = train._batch(examples, index * settings.batch_size, settings.batch_size, 0, model, choice.device)
-        with choice.autocast():
-            loss = forward(model, inputs, labels, frames, settings.gradient_checkpointing).loss
-        loss.backward()
+        batch = train._batch(examples, index * settings.batch_size, settings.batch_size, 0, model, choice.device)
+        train.accumulate_gradients(model, [batch], choice, settings.gradient_checkpointing)  # the train stage's own step
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss.item()
 
     for index in range(warmup):
         step(index)

@@ -93,8 +93,8 @@ def make_batches(model_dir, shape, work: Path, batch_size: int, frames: int, ste
     batches = []
     for start in range(0, batch_size * steps, batch_size):
         picks = [examples[i % len(examples)] for i in range(start, start + batch_size)]
-        inputs, labels, frame_index = train._pad(picks, shape, "cpu")
-        batches.append({"inputs": inputs, "labels": labels, "frames": frame_index, "lengths": torch.tensor([x.shape[1] for x, _ in picks])})
+        batch = train._pad(picks, shape, "cpu")
+        batches.append({"inputs": batch.inputs, "labels": batch.labels, "frames": batch.frames, "lengths": torch.tensor([x.shape[1] for x, _ in picks])})
     return batches
 
 

@@ -63,8 +63,8 @@ def test_only_adapters_change(project, tiny_model_dir, cpu):
     assert params and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     for step in range(3):
-        inputs, labels, frames, _ = train._batch(examples, step * 2, 2, 0, model, cpu.device)
-        forward(model, inputs, labels, frames).loss.backward()
+        batch = train._batch(examples, step * 2, 2, 0, model, cpu.device)
+        forward(model, batch.inputs, batch.labels, batch.frames).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         train.evaluate(model, examples[:2], 2, cpu)  # eval mode must not merge adapters into the weights
@@ -74,6 +74,25 @@ def test_only_adapters_change(project, tiny_model_dir, cpu):
             continue
         assert torch.equal(after[key], value), f"base weight {key} changed"
     assert any(not torch.equal(after[k], before[k]) for k in before if "lora_B" in k)
+
+
+def test_accumulated_micro_batches_give_the_gradients_and_loss_of_one_batch(project, tiny_model_dir, cpu):
+    model = train.prepare_model(tiny_model_dir, LoraSettings(), cpu)
+    examples = train._examples(project.data_dir / pack.TRAIN_FILE, model, 2048)[:4]
+    assert len({x.shape[1] for x, _ in examples}) > 1  # utterances of different lengths: per-batch means would weigh them wrongly
+
+    def gradients(batches):
+        model.zero_grad(set_to_none=True)
+        totals = train.accumulate_gradients(model, batches, cpu)
+        return totals, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, whole_grads = gradients([train._pad(examples, model, cpu.device)])
+    micro, micro_grads = gradients([train._pad([x], model, cpu.device) for x in examples])
+    scale = max(g.abs().max() for g in whole_grads.values())
+    assert all((whole_grads[n] - micro_grads[n]).abs().max() <= 1e-5 * scale for n in whole_grads)
+    assert micro == pytest.approx(whole, rel=1e-5)
+    assert train.evaluate(model, examples, 1, cpu) == pytest.approx(train.evaluate(model, examples, 4, cpu), rel=1e-5)
+    assert train.evaluate(model, examples, 4, cpu) == pytest.approx(whole["loss"], rel=1e-5)
 
 
 def test_resume_is_exact(project, packed_data, tiny_model_dir, cpu, tmp_path):
@@ -174,6 +193,25 @@ def test_listing_and_pruning_read_the_small_records_not_the_checkpoints(tmp_path
     assert checkpoints.best(tmp_path).step == 2
     assert [p.name for p in checkpoints.prune(tmp_path, keep=1)] == ["step_000000001.ckpt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"step_00000000{s}.{x}" for s in (2, 3) for x in ("ckpt", "json")]
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(project, tiny_model_dir, cpu, monkeypatch):
+    calls = {"n": 0}
+
+    def nan_at_step_3(model, inputs, labels, frames, *args):
+        result = forward(model, inputs, labels, frames, *args)
+        calls["n"] += model.training  # training steps only, not validation
+        if model.training and calls["n"] == 3:
+            result.token_loss_sum = result.token_loss_sum * float("nan")
+        return result
+
+    monkeypatch.setattr(train, "forward", nan_at_step_3)
+    with pytest.raises(PipelineError, match=r"training stopped at step 3: the loss is nan and the gradient norm nan, not finite; "
+                                            r"nothing of this step was applied and .*step_000000002.ckpt is the last good one"):
+        train.run(train.TrainSettings(max_steps=6, checkpoint_every=2, **FAST), tiny_model_dir, cpu, project)
+    saved = list((project.dir / "checkpoints").glob("*.ckpt"))
+    assert [p.name for p in saved] == ["step_000000002.ckpt"]
+    assert all(torch.isfinite(v).all() for v in checkpoints.load(saved[0])["lora"].values())
 
 
 def test_bad_settings(project, tiny_model_dir, cpu):

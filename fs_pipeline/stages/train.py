@@ -31,7 +31,7 @@ from tqdm import tqdm
 from fs_pipeline import PipelineError, checkpoints
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.lora import LoraSettings, add_lora, load_lora_state, lora_state_dict, prepare_for_training
-from fs_pipeline.modeling import IGNORE, forward, frame_index
+from fs_pipeline.modeling import IGNORE, forward, frame_index, target_counts
 from fs_pipeline.fileio import file_hash, write_text_atomic
 from fs_pipeline.models import ModelDir, build_llm, load_llm_weights, model_identity
 from fs_pipeline.packed import read_protos
@@ -209,24 +209,19 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     try:
         while step < settings.max_steps and not stop.name:
             started = time.perf_counter()
-            totals = {"loss": 0.0, "token_loss": 0.0, "codebook_loss": 0.0, "top5_accuracy": 0.0}
-            tokens = 0
+            micro_batches = []
             for _ in range(settings.gradient_accumulation_steps):
-                inputs, labels, frames, batch_tokens = _batch(train_examples, consumed, settings.batch_size, settings.seed, model, choice.device)
+                micro_batches.append(_batch(train_examples, consumed, settings.batch_size, settings.seed, model, choice.device))
                 consumed += settings.batch_size
-                with choice.autocast():
-                    result = forward(model, inputs, labels, frames, settings.gradient_checkpointing)
-                (result.loss / settings.gradient_accumulation_steps).backward()
-                values = torch.stack([getattr(result, key).float() for key in totals]).tolist()  # one wait for the GPU, not four
-                for key, value in zip(totals, values):
-                    totals[key] += value / settings.gradient_accumulation_steps
-                tokens += batch_tokens
+            totals = accumulate_gradients(model, micro_batches, choice, settings.gradient_checkpointing)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            _check_finite(step + 1, totals["loss"], float(grad_norm), ckpt_dir)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             train_loss = totals["loss"]
+            tokens = sum(b.positions for b in micro_batches)
 
             metrics = {
                 "step": step, **totals, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
@@ -248,6 +243,18 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
         log.close()
         stop.restore()
     return TrainResult(step, last_path, stop.name, train_loss, val_loss)
+
+
+def _check_finite(step: int, loss: float, grad_norm: float, ckpt_dir: Path) -> None:
+    """A non-finite loss or gradient stops training before the step is applied, so no checkpoint ever holds
+    non-finite weights."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    last = checkpoints.latest(ckpt_dir)
+    raise PipelineError(
+        f"training stopped at step {step}: the loss is {loss} and the gradient norm {grad_norm}, not finite; nothing of this "
+        f"step was applied and {last.path if last else 'no checkpoint'} is the last good one: lower --learning-rate and rerun"
+    )
 
 
 def prepare_model(model_dir: ModelDir, lora: LoraSettings, choice: DeviceChoice, lora_state=None, source=None):
@@ -315,19 +322,28 @@ def _order(count: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
-def _batch(examples, consumed: int, batch_size: int, seed: int, model, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """The batch after `consumed` examples of the endless stream of seeded per-epoch shuffles (see _pad),
-    and its number of real (unpadded) positions."""
+@dataclass(frozen=True)
+class Batch:
+    inputs: torch.Tensor  # on the device, like labels and frames
+    labels: torch.Tensor
+    frames: torch.Tensor  # frame_index of the labels
+    positions: int  # real (unpadded) positions
+    tokens: int  # targets of the token loss
+    codebook_targets: int  # targets of the codebook loss
+
+
+def _batch(examples, consumed: int, batch_size: int, seed: int, model, device) -> Batch:
+    """The batch after `consumed` examples of the endless stream of seeded per-epoch shuffles."""
     picks = []
     for position in range(consumed, consumed + batch_size):
         epoch, index = divmod(position, len(examples))
         picks.append(examples[_order(len(examples), epoch, seed)[index]])
-    return *_pad(picks, model, device), sum(x.shape[1] for x, _ in picks)
+    return _pad(picks, model, device)
 
 
-def _pad(picks, model, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, labels, frame index) on `device`: examples right-padded to the longest, and the positions
-    the fast transformer runs at, found here on the CPU so that the GPU never waits for the host."""
+def _pad(picks, model, device) -> Batch:
+    """Examples right-padded to the longest, moved to `device`. Frame positions and target counts are found
+    here on the CPU, so that the GPU never waits for the host."""
     length = max(x.shape[1] for x, _ in picks)
     rows = picks[0][0].shape[0]
     inputs = torch.zeros(len(picks), rows, length, dtype=torch.long)
@@ -335,22 +351,45 @@ def _pad(picks, model, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     for i, (x, y) in enumerate(picks):
         inputs[i, :, : x.shape[1]] = x
         labels[i, :, : y.shape[1]] = y
-    frames = frame_index(model, labels)
-    return inputs.to(device), labels.to(device), frames.to(device)
+    tokens, codebook_targets = target_counts(model, labels)
+    return Batch(inputs.to(device), labels.to(device), frame_index(model, labels).to(device), sum(x.shape[1] for x, _ in picks),
+                 int(tokens), int(codebook_targets))
+
+
+def accumulate_gradients(model, batches: list[Batch], choice: DeviceChoice, gradient_checkpointing: bool = False) -> dict[str, float]:
+    """Backward over the micro-batches of one optimizer step, token-weighted: each loss is the sum of its
+    per-target losses over the whole effective batch divided by the effective batch's number of targets
+    (for the token and the codebook loss each), so 4 micro-batches of 1 give the gradients of one batch
+    of 4. Returns the step's losses and top-5 accuracy."""
+    tokens = max(1, sum(b.tokens for b in batches))
+    targets = max(1, sum(b.codebook_targets for b in batches))
+    sums = torch.zeros(3, device=choice.device)
+    for batch in batches:
+        with choice.autocast():
+            result = forward(model, batch.inputs, batch.labels, batch.frames, gradient_checkpointing)
+        (result.token_loss_sum / tokens + result.codebook_loss_sum / targets).backward()
+        hits = result.top5_accuracy * result.tokens
+        sums += torch.stack([result.token_loss_sum.detach(), result.codebook_loss_sum.detach(), hits.detach()]).float()
+    token_sum, codebook_sum, hits = sums.tolist()  # one wait for the GPU per step
+    return {"loss": token_sum / tokens + codebook_sum / targets, "token_loss": token_sum / tokens,
+            "codebook_loss": codebook_sum / targets, "top5_accuracy": hits / tokens}
 
 
 @torch.no_grad()
 def evaluate(model, examples, batch_size: int, choice: DeviceChoice) -> float:
-    """Mean loss over the held-out examples (weighted by batch)."""
+    """Loss over the held-out examples, token-weighted as in training, so it does not depend on the batch size."""
     was_training = model.training
     model.eval()
-    losses = []
+    sums, tokens, targets = torch.zeros(2, device=choice.device), 0, 0
     for start in range(0, len(examples), batch_size):
-        inputs, labels, frames = _pad(examples[start : start + batch_size], model, choice.device)
+        batch = _pad(examples[start : start + batch_size], model, choice.device)
         with choice.autocast():
-            losses.append(float(forward(model, inputs, labels, frames).loss))
+            result = forward(model, batch.inputs, batch.labels, batch.frames)
+        sums += torch.stack([result.token_loss_sum, result.codebook_loss_sum]).float()
+        tokens, targets = tokens + batch.tokens, targets + batch.codebook_targets
     model.train(was_training)
-    return sum(losses) / len(losses)
+    token_sum, codebook_sum = sums.tolist()
+    return token_sum / max(1, tokens) + codebook_sum / max(1, targets)
 
 
 def estimate_memory(model, batch_size: int, length: int, lora: LoraSettings, choice: DeviceChoice) -> float:
