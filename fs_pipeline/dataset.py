@@ -1,5 +1,6 @@
 """A prepared dataset: training_data/NAME/SPEAKER/*.wav, each with a .lab transcript beside it."""
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ AUDIO_SUFFIX = ".wav"
 TRANSCRIPT_SUFFIX = ".lab"
 CODES_SUFFIX = ".npy"
 MAX_LISTED_PROBLEMS = 10
+DECODE_WORKERS = min(4, os.cpu_count() or 1)  # processes that decode clips; more than the machine's cores only wait
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import importlib
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,51 +29,15 @@ from loguru import logger
 from fs_pipeline import PipelineError
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.fileio import file_hash
+from fs_pipeline.versions import DEFAULT_MODEL_VERSION, MODEL_VERSIONS, ModelVersion, get_version
 
-
-@dataclass(frozen=True)
-class ModelVersion:
-    name: str
-    model_type: str  # config.json's model_type
-    codec_config: str  # hydra config in fish_speech/configs, used unless the model dir has codec_config.yaml
-    # The only classes a codec config may build (its `_target_`s). A model folder comes from the internet and
-    # a `_target_` can name any callable, so these are exactly the classes of the version's own codec config.
-    codec_classes: frozenset[str]
-    # Those of them a config may pass on uncalled (`_partial_: true`), for the codec to call with its sizes.
-    codec_partial_classes: frozenset[str]
-    sample_rate: int  # the codec's input rate: prepare resamples audio to it
-    license: str
-
-
-MODEL_VERSIONS = {
-    "s1-mini": ModelVersion(
-        name="s1-mini",
-        model_type="dual_ar",
-        codec_config="modded_dac_vq",
-        codec_classes=frozenset({
-            "fish_speech.models.dac.modded_dac.DAC",
-            "fish_speech.models.dac.rvq.DownsampleResidualVectorQuantize",
-            "fish_speech.models.dac.modded_dac.WindowLimitedTransformer",
-            "fish_speech.models.dac.modded_dac.ModelArgs",
-        }),
-        codec_partial_classes=frozenset({"fish_speech.models.dac.modded_dac.ModelArgs"}),
-        sample_rate=44100,
-        license="CC-BY-NC-SA-4.0 (Fish Audio openaudio-s1-mini weights: non-commercial use only)",
-    ),
-}
-DEFAULT_MODEL_VERSION = "s1-mini"
 
 LLM_WEIGHT_FILES = ("model.pth", "model.safetensors")
 REQUIRED_FILES = ("config.json", "tokenizer.tiktoken", "special_tokens.json", "codec.pth")
 CODEC_CONFIG_FILE = "codec_config.yaml"
+MODEL_CARD = "README.md"  # a release's model card; its front matter names the weights' licence
 # Buffers the codec computes in __init__; checkpoints may leave them out.
 DERIVED_CODEC_BUFFERS = ("causal_mask", "freqs_cis")
-
-
-def get_version(name: str) -> ModelVersion:
-    if name not in MODEL_VERSIONS:
-        raise PipelineError(f"unknown model version '{name}': known versions are {', '.join(MODEL_VERSIONS)}")
-    return MODEL_VERSIONS[name]
 
 
 @dataclass(frozen=True)
@@ -89,6 +54,18 @@ class ModelDir:
     @property
     def num_codebooks(self) -> int:
         return self.config["num_codebooks"]
+
+    @property
+    def license(self) -> str:
+        """The weights' licence: what the folder's model card (README.md, as on the Hub) declares in its
+        front matter, else the model version's."""
+        card = self.path / MODEL_CARD
+        if card.is_file():
+            match = re.match(r"---\n(.*?)\n---", card.read_text(encoding="utf-8", errors="replace"), re.DOTALL)
+            declared = re.search(r"^license:\s*(.+)$", match.group(1), re.MULTILINE) if match else None
+            if declared:
+                return f"{declared.group(1).strip()} (from {card.name})"
+        return self.version.license
 
 
 def codec_codebook_count(codec_cfg) -> int:
@@ -208,6 +185,13 @@ def open_model_dir(path: Path | str, version_name: str = DEFAULT_MODEL_VERSION) 
     """Check a base-model directory without loading weights. Raises PipelineError naming what is wrong."""
     path = Path(path)
     version = get_version(version_name)
+    if path.is_file():
+        raise PipelineError(f"{path} is a file, not a model directory: pass the folder that holds config.json, the weights and codec.pth")
+    if (path / "adapter_config.json").is_file():
+        raise PipelineError(
+            f"{path} holds LoRA adapters, not a model: pass them with --lora {path} and the base model they were trained on as "
+            "--model-path, or use the merged model (checkpoints/PROJECT-merged)"
+        )
     if not path.is_dir():
         raise PipelineError(
             f"model directory not found: {path}: download a release (e.g. openaudio-s1-mini) there, "

@@ -19,13 +19,12 @@ from loguru import logger
 from fs_pipeline import PipelineError, checkpoints
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.lock import project_lock
-from fs_pipeline.manifest import DONE, Manifest, settings_record
+from fs_pipeline.manifest import DONE, STAGES, Manifest, settings_record, stage_slice
 from fs_pipeline.models import ModelDir
 from fs_pipeline.project import Project
 from fs_pipeline.stages import extract, merge, pack, prepare, train
 from fs_pipeline.stages.synthesize import SynthesisSettings, Synthesizer
 
-STAGES = ("prepare", "extract", "pack", "train", "merge", "synthesize")
 TEST_SENTENCE = "This is a test of my new voice, made with fs-pipeline."
 
 
@@ -69,10 +68,6 @@ def check_stage(name: str | None, flag: str) -> None:
         raise PipelineError(f"unknown stage '{name}' for {flag}: use one of {', '.join(STAGES)}")
 
 
-def stage_slice(first: str, last: str) -> tuple[str, ...]:
-    return STAGES[STAGES.index(first) : STAGES.index(last) + 1]
-
-
 def validate(settings: PipelineSettings, model_dir: ModelDir, project: Project) -> None:
     """Every option value and named file of the stages in the slice, checked before any stage does work."""
     for name, flag in ((settings.from_stage, "--from-stage"), (settings.to_stage, "--to-stage"), (settings.force_stage, "--force-stage")):
@@ -85,7 +80,7 @@ def validate(settings: PipelineSettings, model_dir: ModelDir, project: Project) 
             f"--force-stage {settings.force_stage} is outside the stages this command runs ({settings.from_stage} to "
             f"{settings.to_stage}): nothing would be forced; widen --from-stage/--to-stage or force a stage inside them"
         )
-    runs = set(STAGES[first : last + 1])
+    runs = set(stage_slice(settings.from_stage, settings.to_stage))
     if "prepare" in runs and settings.prepare is not None:
         prepare.check(settings.prepare)
     elif runs & {"extract", "pack"} and not Path(settings.extract.data_dir).is_dir():
@@ -140,7 +135,7 @@ def _run_stages(settings, model_dir, choice, project, first, last, forced_from) 
         forced = index >= forced_from
         started = time.perf_counter()
         if stage == "prepare":
-            prepared = prepare.run(replace(settings.prepare, retranscribe=settings.prepare.retranscribe or forced), choice)
+            prepared = result.details[stage] = prepare.run(replace(settings.prepare, retranscribe=settings.prepare.retranscribe or forced), choice)
             did_work = prepared.sources_done > 0 or prepared.transcribed > 0
             summary = Path(settings.prepare.output) / prepare.SUMMARY_FILE
             if did_work or manifest.state("prepare") != DONE:

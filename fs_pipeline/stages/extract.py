@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from fs_pipeline import PipelineError
 from fs_pipeline.audio.io import read_wav
-from fs_pipeline.dataset import Clip, list_clips
+from fs_pipeline.dataset import DECODE_WORKERS, Clip, list_clips
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.fileio import atomic_path
 from fs_pipeline.lock import project_lock
@@ -36,7 +36,7 @@ class ExtractSettings:
     data_dir: Path
     batch_size: int = 16
     max_batch_seconds: float = 240.0  # padded audio per codec batch: bounds GPU memory when clips are long
-    num_workers: int = 4
+    num_workers: int = DECODE_WORKERS
 
 
 @dataclass(frozen=True)
