@@ -7,8 +7,15 @@ from dataclasses import asdict, dataclass, field
 
 SPEED_OUTLIER = 2.5  # chars/s this many times above (or below 1/this of) the median suggests a wrong transcript
 CLIPPED_LIMIT = 0.001  # fraction of samples at full scale
-LOUDNESS_SPREAD_DB = 10.0  # distance from the speaker's median RMS level
+LOUDNESS_OUTLIER_DB = 10.0  # a clip this far from its speaker's median RMS level is flagged
+# Between the 5th and 95th percentile of a speaker's clip levels. One steady setup varies by a few dB with
+# content and pauses; more means other distances, gains or unnormalised sources, whose level the model learns.
+LOUDNESS_SPREAD_DB = 8.0
 SMALL_DATASET_MINUTES = 10.0
+# A validation set under either holds too little to tell overfitting from the noise of which clips it holds.
+MIN_VAL_UTTERANCES = 5
+MIN_VAL_SECONDS = 30.0
+FAR_ABOVE_FRACTION = 2.0  # a speaker's validation share above this many times --val-fraction is reported
 
 
 @dataclass
@@ -55,17 +62,22 @@ def check(clips: list[ClipQA], texts: dict[str, str], max_tokens: int) -> dict:
         levels = [c.rms_db for c in members if c.rms_db is not None]
         median_level = statistics.median(levels) if levels else None
         for clip in members:
-            if median_level is not None and clip.rms_db is not None and abs(clip.rms_db - median_level) > LOUDNESS_SPREAD_DB:
+            if median_level is not None and clip.rms_db is not None and abs(clip.rms_db - median_level) > LOUDNESS_OUTLIER_DB:
                 clip.flags.append(f"loudness {clip.rms_db:.1f} dB is {clip.rms_db - median_level:+.1f} dB from the speaker's median")
         speakers[speaker] = {
             "clips": len(members),
             "minutes": round(sum(c.seconds for c in members) / 60, 3),
             "tokens": sum(c.tokens for c in members),
-            "loudness_spread_db": round(max(levels) - min(levels), 2) if levels else None,
+            "loudness_spread_db": _spread(levels),
         }
 
     total_minutes = sum(c.seconds for c in clips) / 60
     warnings = [f"{c.key}: {flag}" for c in clips for flag in c.flags]
+    for name, s in speakers.items():
+        if s["loudness_spread_db"] is not None and s["loudness_spread_db"] > LOUDNESS_SPREAD_DB:
+            warnings.append(f"{name}: loudness spread {s['loudness_spread_db']:.1f} dB over the middle 90% of its clips, above "
+                            f"{LOUDNESS_SPREAD_DB:g} dB: its clips differ in level (distance, gain or source), which the model learns as part "
+                            "of the voice; prepare with --normalize, or leave out the odd recordings")
     if total_minutes < SMALL_DATASET_MINUTES:
         warnings.append(
             f"the dataset holds {total_minutes:.1f} minutes of speech; under {SMALL_DATASET_MINUTES:.0f} minutes a voice is learned poorly"
@@ -77,6 +89,42 @@ def check(clips: list[ClipQA], texts: dict[str, str], max_tokens: int) -> dict:
         "clips": [asdict(c) | {"chars_per_second": round(c.chars_per_second, 2)} for c in clips],
         "warnings": warnings,
     }
+
+
+def split_warnings(split: dict) -> list[str]:
+    """What a user should know about the held-out split (from pack.held_out): speakers it cannot validate,
+    speakers that give far more than --val-fraction, and a validation set too small to mean anything."""
+    fraction = split["val_fraction"]
+    if not fraction:
+        return []
+    warnings = []
+    for name, s in split["speakers"].items():
+        if not s["val_clips"]:
+            warnings.append(f"{name}: nothing held out for validation: its {_clips(s['clips'])} ({s['seconds']:.1f} s) are too few to "
+                            "spare one, so its voice is not validated; add recordings")
+        elif s["val_share"] > FAR_ABOVE_FRACTION * fraction:
+            warnings.append(f"{name}: validation takes {s['val_clips']} of its {_clips(s['clips'])}, {s['val_share']:.0%} of its audio, "
+                            f"far more than --val-fraction {fraction:g}: it has too few clips to give less; add recordings")
+    utterances = len(split["val"])
+    seconds = sum(s["val_seconds"] for s in split["speakers"].values())
+    if not utterances:
+        warnings.append("nothing is held out for validation: training runs without a validation loss")
+    elif utterances < MIN_VAL_UTTERANCES or seconds < MIN_VAL_SECONDS:
+        warnings.append(f"the validation set holds {_clips(utterances, 'utterance')} ({seconds:.1f} s): under {MIN_VAL_UTTERANCES} "
+                        f"utterances or {MIN_VAL_SECONDS:g} s its loss is too noisy to show overfitting; add recordings or raise --val-fraction")
+    return warnings
+
+
+def _clips(count: int, noun: str = "clip") -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _spread(levels: list[float]) -> float | None:
+    """dB between the 5th and 95th percentile: the odd clip (flagged on its own) does not decide it."""
+    if len(levels) < 2:
+        return 0.0 if levels else None
+    cuts = statistics.quantiles(levels, n=20, method="inclusive")
+    return round(cuts[-1] - cuts[0], 2)
 
 
 def _flag_duplicates(clips: list[ClipQA], texts: dict[str, str]) -> None:
@@ -97,11 +145,25 @@ def markdown(report: dict) -> str:
         f"{total['clips']} clips, {total['minutes']:.1f} minutes, {total['tokens']} tokens; "
         f"median {report['median_chars_per_second']} characters per second.",
         "",
-        "| speaker | clips | minutes | tokens | loudness spread (dB) |",
+        "| speaker | clips | minutes | tokens | loudness spread, middle 90% (dB) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, s in report["speakers"].items():
         lines.append(f"| {name} | {s['clips']} | {s['minutes']:.2f} | {s['tokens']} | {s['loudness_spread_db']} |")
+    split = report["split"]
+    lines += [
+        "",
+        "## Validation split",
+        "",
+        f"By source recording, --val-fraction {split['val_fraction']:g}, --split-seed {split['seed']}: "
+        f"{_clips(len(split['val']), 'utterance')} held out.",
+        "",
+        "| speaker | clips | held out | seconds | share | recordings held out |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in split["speakers"].items():
+        held = ", ".join(f"{recording} ({part})" for recording, part in s["val_recordings"].items()) or "none"
+        lines.append(f"| {name} | {s['clips']} | {s['val_clips']} | {s['val_seconds']:.1f} | {s['val_share']:.1%} | {held} |")
     lines += ["", "## Warnings", ""]
     lines += [f"- {w}" for w in report["warnings"]] or ["None."]
     return "\n".join(lines) + "\n"

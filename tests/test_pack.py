@@ -112,28 +112,99 @@ def test_output_is_deterministic_and_rerun_skips(extracted, tiny_model_dir):
     assert (project.data_dir / "train.protos").read_bytes() == first
 
 
-def test_split_is_deterministic_held_out_and_per_speaker(tiny_model_dir, tmp_path):
+def clips_and_seconds(tmp_path, names_and_seconds: dict[str, float]):
+    """Clips of the given keys (speaker/name.wav) with the given durations, for held_out."""
     from fs_pipeline.dataset import Clip
 
-    clips = [Clip(tmp_path / f"{s}/{i}.wav", s, f"{s}/{i}.wav") for s in ("a", "b") for i in range(40)]
-    clips.append(Clip(tmp_path / "c/0.wav", "c", "c/0.wav"))
-    held = pack.held_out(clips, 0.05, seed=3)
-    assert held == pack.held_out(clips, 0.05, seed=3)
-    assert held != pack.held_out(clips, 0.05, seed=4)
-    assert sum(k.startswith("a/") for k in held) == 2 and sum(k.startswith("b/") for k in held) == 2
-    assert not any(k.startswith("c/") for k in held)  # one clip: nothing to spare
-    assert pack.held_out(clips, 0.0, seed=3) == set()
+    clips = [Clip(tmp_path / key, key.split("/")[0], key) for key in sorted(names_and_seconds)]
+    return clips, names_and_seconds
 
 
-def test_split_is_recorded_and_val_is_not_in_train(extracted, tiny_model_dir):
+def test_segments_of_one_recording_stay_on_one_side(tmp_path):
+    # 20 recordings cut into 5 segments each by prepare (<source>_<nnnn>.wav), 2 s a segment
+    clips, seconds = clips_and_seconds(tmp_path, {f"a/rec{r:02d}_{i:04d}.wav": 2.0 for r in range(20) for i in range(5)})
+    chosen = set()
+    for seed in range(8):
+        split = pack.held_out(clips, seconds, 0.05, seed)
+        assert split == pack.held_out(list(reversed(clips)), seconds, 0.05, seed)  # same clips and seed, same split
+        (recording,) = split["speakers"]["a"]["val_recordings"].items()
+        assert recording[1] == "whole"
+        assert split["val"] == [f"a/{recording[0].split('/')[1]}_{i:04d}.wav" for i in range(5)]
+        assert split["speakers"]["a"]["val_share"] == 0.05
+        chosen.add(recording[0])
+    assert len(chosen) > 1  # the seed picks the recording
+
+
+def test_a_speaker_with_one_recording_gives_its_last_segments(tmp_path):
+    # hand-numbered without zero padding: the order is the number's, not the name's
+    clips, seconds = clips_and_seconds(tmp_path, {f"a/talk_{i}.wav": 5.0 + i % 3 for i in range(40)})
+    for seed in (0, 1):
+        split = pack.held_out(clips, seconds, 0.1, seed)
+        assert split["val"] == sorted(f"a/talk_{i}.wav" for i in range(36, 40))
+        assert split["speakers"]["a"]["val_recordings"] == {"a/talk": "last 4 of 40 clips"}
+        assert abs(split["speakers"]["a"]["val_share"] - 0.1) < 0.02
+
+
+def test_whole_recordings_too_long_to_hold_out_give_a_tail_block(tmp_path):
+    # two half-hour recordings: neither can go whole, so the end of one of them is held out
+    clips, seconds = clips_and_seconds(tmp_path, {f"a/{r}_{i:04d}.wav": 10.0 for r in ("morning", "evening") for i in range(180)})
+    split = pack.held_out(clips, seconds, 0.05, 0)
+    ((recording, part),) = split["speakers"]["a"]["val_recordings"].items()
+    assert part == "last 18 of 180 clips"
+    assert split["val"] == [f"{recording}_{i:04d}.wav" for i in range(162, 180)]
+
+
+def test_a_speaker_with_too_little_data_keeps_it_all(tmp_path):
+    clips, seconds = clips_and_seconds(tmp_path, {"two/x.wav": 4.0, "two/y.wav": 8.0, "three/x.wav": 5.0, "three/y.wav": 5.0,
+                                                  "three/z.wav": 5.0, "one/x.wav": 9.0,
+                                                  **{f"six/s_{i:04d}.wav": 3.0 for i in range(6)}})
+    split = pack.held_out(clips, seconds, 0.05, 0)
+    assert split["val"] == ["six/s_0005.wav"]  # one clip in six is 17% of the audio: within the 20% a speaker may give
+    assert [split["speakers"][s]["val_clips"] for s in ("one", "two", "three")] == [0, 0, 0]
+    assert pack.held_out(clips, seconds, 0.0, 0)["val"] == []
+
+
+def test_split_is_recorded_by_recording_and_val_is_not_in_train(extracted, tiny_model_dir):
     _, project, manifest = extracted
     run_pack(extracted, tiny_model_dir, split_seed=5)
-    val_keys = Manifest(project.manifest_path).entry("pack")["split"]
-    qa_split = json.loads((project.data_dir / "qa.json").read_text())["split"]
-    assert qa_split["val"] == val_keys and len(val_keys) == 1
+    split = Manifest(project.manifest_path).entry("pack")["split"]
+    assert json.loads((project.data_dir / "qa.json").read_text())["split"] == split
+    # the sample's clips are numbered like prepare's segments of one recording: its last one is held out
+    assert split["val"] == ["sample_speaker/sample_0005.wav"]
+    assert split["speakers"]["sample_speaker"]["val_recordings"] == {"sample_speaker/sample": "last 1 of 6 clips"}
     train_texts = {t for t, _ in read_packed(project.data_dir / "train.protos")["sample_speaker"]}
     val_texts = {t for t, _ in read_packed(project.data_dir / "val.protos")["sample_speaker"]}
     assert not train_texts & val_texts
+
+
+def test_qa_warns_when_validation_is_small_or_takes_too_much(extracted, tiny_model_dir):
+    warnings = run_pack(extracted, tiny_model_dir).warnings
+    assert any(w.startswith("sample_speaker: validation takes 1 of its 6 clips, 1") and "far more than --val-fraction 0.05" in w
+               for w in warnings)
+    assert any(w.startswith("the validation set holds 1 utterance") and "under 5 utterances or 30 s" in w for w in warnings)
+
+
+def test_two_clips_give_nothing_to_validation_and_say_so(extracted, tiny_model_dir):
+    data, project, _ = extracted
+    for i in range(2, 6):
+        for suffix in (".wav", ".lab", ".npy"):
+            (data / "sample_speaker" / f"sample_{i:04d}{suffix}").unlink()
+    result = run_pack(extracted, tiny_model_dir)
+    assert (result.train_utterances, result.val_utterances) == (2, 0)
+    assert not (project.data_dir / "val.protos").read_bytes()
+    assert any(w.startswith("sample_speaker: nothing held out for validation: its 2 clips") for w in result.warnings)
+    assert "nothing is held out for validation: training runs without a validation loss" in result.warnings
+
+
+def test_qa_warns_on_a_loudness_spread_beyond_the_threshold():
+    from fs_pipeline import qa
+
+    levels = {"far": [-20.0, -22.0, -25.0, -28.0, -30.4], "near": [-22.0, -23.0, -24.0, -25.0, -24.5]}
+    clips = [qa.ClipQA(f"{s}/{i}.wav", s, 10.0, 150, 300, 0.0, level) for s, row in levels.items() for i, level in enumerate(row)]
+    report = qa.check(clips, {c.key: f"text {c.key}" for c in clips}, 1000)
+    spread = [w for w in report["warnings"] if "loudness spread" in w]
+    assert len(spread) == 1 and spread[0].startswith("far: loudness spread 9.") and "above 8 dB" in spread[0]
+    assert not any(c.flags for c in clips)  # no single clip is an outlier: only the spread shows it
 
 
 def test_qa_flags_a_transcript_with_ten_times_the_text(extracted, tiny_model_dir):

@@ -1,4 +1,4 @@
-"""Pack: transcripts + codes -> train/val packed files, a held-out split, and the dataset QA report.
+"""Pack: transcripts + codes -> train/val packed files, a held-out split by source recording, and the dataset QA report.
 
 Reads   <data_dir>/<speaker>/*.lab and *.npy (from extract), the base model's config and tokenizer
 Writes  results/<project>/data/train.protos, val.protos (one TextData record per speaker), qa.json, qa.md
@@ -6,9 +6,10 @@ Skips   when the transcripts, codes and settings match the manifest and the outp
 """
 
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import soundfile as sf
 
@@ -23,6 +24,11 @@ from fs_pipeline.stages import extract
 
 STAGE = "pack"
 TRAIN_FILE, VAL_FILE = "train.protos", "val.protos"
+# prepare names the segments of one recording <source>_<nnnn>.wav, in time order
+SEGMENT_NAME = re.compile(r"(?P<source>.+)_(?P<index>\d+)")
+# A speaker too small for --val-fraction still gives one clip, unless that clip is more than this share of its
+# audio: then training would lose more of a small voice than a loss measured on one clip is worth.
+MAX_VAL_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,9 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
     tokenizer = FishTokenizer.from_pretrained(str(model_dir.path))
     texts = {c.key: c.text() for c in clips}
     codes = {c.key: _checked_codes(c, model_dir) for c in clips}
-    val_keys = held_out(clips, settings.val_fraction, settings.split_seed)
+    clip_qa = _clip_qa(clips, texts, codes, manifest, tokenizer)
+    split = held_out(clips, {c.key: c.seconds for c in clip_qa}, settings.val_fraction, settings.split_seed)
+    val_keys = set(split["val"])
 
     by_speaker = defaultdict(list)
     for clip in clips:
@@ -78,8 +86,9 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
         outputs[file] = project.data_dir / file
         write_protos(outputs[file], [m for m in messages if m.sentences])
 
-    report = qa.check(_clip_qa(clips, texts, codes, manifest, tokenizer), texts, model_dir.config["max_seq_len"])
-    report["split"] = {"seed": settings.split_seed, "val_fraction": settings.val_fraction, "val": sorted(val_keys)}
+    report = qa.check(clip_qa, texts, model_dir.config["max_seq_len"])
+    report["split"] = split
+    report["warnings"] += qa.split_warnings(split)
     write_json_atomic(project.data_dir / "qa.json", report)
     write_text_atomic(project.data_dir / "qa.md", qa.markdown(report))
 
@@ -89,7 +98,7 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
         settings=record,
         inputs=inputs,
         outputs=manifest.hash_outputs(list(outputs.values())),
-        split=sorted(val_keys),
+        split=split,
         train_utterances=result.train_utterances,
         val_utterances=result.val_utterances,
         warnings=result.warnings,
@@ -97,20 +106,83 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
     return result
 
 
-def held_out(clips: list[Clip], fraction: float, seed: int) -> set[str]:
-    """Clip keys held out for validation: per speaker, the same for the same seed and clips. A speaker with
-    at least two clips gives at least one when fraction > 0, so every speaker is validated."""
+def held_out(clips: list[Clip], seconds: dict[str, float], fraction: float, seed: int) -> dict:
+    """The validation split by source recording, as qa.json and the manifest record it. Per speaker: whole
+    recordings, in an order drawn from `seed`, each taken while it brings the held-out audio closer to
+    `fraction` of the speaker's; where no whole recording does (one recording, or all of them long), the last
+    clips of the one recording that comes closest. A speaker keeps at least one clip for training, and gives
+    none when even one clip would be more than MAX_VAL_SHARE of its audio. Same clips and seed, same split."""
     by_speaker = defaultdict(list)
     for clip in clips:
         by_speaker[clip.speaker].append(clip.key)
-    held = set()
+    speakers, val = {}, []
     for speaker, keys in sorted(by_speaker.items()):
-        if fraction == 0 or len(keys) < 2:
-            continue
-        shuffled = sorted(keys)
-        random.Random(f"{seed}:{speaker}").shuffle(shuffled)
-        held.update(shuffled[: max(1, round(fraction * len(keys)))])
-    return held
+        keys.sort()  # the order clips come in changes nothing, not even a float sum's last bit
+        recordings = _source_recordings(keys)
+        total = sum(seconds[k] for k in keys)
+        held = _speaker_held_out(recordings, seconds, fraction, total, random.Random(f"{seed}:{speaker}")) if fraction else {}
+        speaker_val = [k for part in held.values() for k in part]
+        val_seconds = sum(seconds[k] for k in speaker_val)
+        speakers[speaker] = {
+            "clips": len(keys),
+            "seconds": round(total, 3),
+            "recordings": len(recordings),
+            "val_clips": len(speaker_val),
+            "val_seconds": round(val_seconds, 3),
+            "val_share": round(val_seconds / total, 4) if total else 0.0,
+            "val_recordings": {
+                name: "whole" if len(part) == len(recordings[name]) else f"last {len(part)} of {len(recordings[name])} clips"
+                for name, part in sorted(held.items())
+            },
+        }
+        val += speaker_val
+    return {"seed": seed, "val_fraction": fraction, "val": sorted(val), "speakers": speakers}
+
+
+def _source_recordings(keys: list[str]) -> dict[str, list[str]]:
+    """Clip keys by the recording they were cut from, each in time order. A clip named <source>_<n>.wav is
+    segment n of <source> in its folder, as prepare names them; any other clip is a recording of its own.
+    Hand-numbered clips of separate takes thus count as one recording: the safe side, since no possible
+    neighbours are split apart."""
+    groups = defaultdict(list)
+    for key in keys:
+        path = PurePosixPath(key)
+        match = SEGMENT_NAME.fullmatch(path.stem)
+        source, index = (match["source"], int(match["index"])) if match else (path.stem, 0)
+        groups[(path.parent / source).as_posix()].append((index, key))
+    return {name: [key for _, key in sorted(members)] for name, members in sorted(groups.items())}
+
+
+def _speaker_held_out(recordings: dict[str, list[str]], seconds: dict[str, float], fraction: float, total: float,
+                      rng: random.Random) -> dict[str, list[str]]:
+    """Recording name -> its held-out clips (all of them, or its last ones) for one speaker."""
+    target = fraction * total
+    order = sorted(recordings)
+    rng.shuffle(order)
+    held, got = {}, 0.0
+    for name in order:
+        length = sum(seconds[k] for k in recordings[name])
+        if len(held) < len(recordings) - 1 and length < 2 * (target - got):  # closer to the target with it than without
+            held[name] = recordings[name]
+            got += length
+    if held:
+        return held
+    # No whole recording fits: the last k clips of one recording. Every recording's tails are candidates; a
+    # recording may go whole only while another stays in training.
+    candidates = []
+    for rank, name in enumerate(order):
+        keys, length = recordings[name], 0.0
+        most = len(keys) if len(recordings) > 1 else len(keys) - 1
+        for k in range(1, most + 1):
+            length += seconds[keys[-k]]
+            candidates.append((abs(length - target), length, rank, k, name))
+    if not candidates:
+        return {}
+    error, length, _, k, name = min(candidates)
+    # The closest tail is kept when it beats holding out nothing; else it is the smallest one, kept while small.
+    if error < target or length <= MAX_VAL_SHARE * total:
+        return {name: recordings[name][-k:]}
+    return {}
 
 
 def _checked_codes(clip: Clip, model_dir: ModelDir):
