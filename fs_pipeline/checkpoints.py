@@ -8,7 +8,8 @@ results/<project>/checkpoints/step_000000100.ckpt is a torch.save'd dict (loaded
     lora_config {"r", "alpha", "dropout"}
     base_model  {"identity": content hash of the base model's files, "version": "s1-mini"}
     optimizer, scheduler    their state dicts
-    rng         {"python": random.getstate(), "torch": CPU generator state, "cuda": [per-device states]}
+    rng         {"python": random.getstate(), "torch": CPU generator state, "cuda": [per-device states],
+                 "cpu_threads": torch's CPU thread count}
     data        {"consumed": training examples drawn so far (the data-loader position)}
     metrics     {"train_loss", "val_loss", ...} at this step
     run         what made it: {"settings": the training settings that decide the result, "base": base identity,
@@ -43,7 +44,9 @@ def checkpoint_name(step: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """What a resumed run needs to draw and add up exactly as the run it continues: the random generators,
+    and the CPU thread count (it decides how CPU sums are split, and so their last bits)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "cpu_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -53,6 +56,8 @@ def restore_rng(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
+    if "cpu_threads" in state:
+        torch.set_num_threads(state["cpu_threads"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

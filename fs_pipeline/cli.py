@@ -39,8 +39,11 @@ def user_errors(fn):
 
 
 def device_options(fn):
+    # Plain strings, checked by select_device, so a wrong name gets our one-line error (and --help needs no torch).
+    fn = click.option("--precision", default="auto", show_default=True,
+                      help="auto, bf16, fp16 or fp32. auto: bf16 on GPUs that have it natively (compute capability 8.0+: A100, "
+                           "RTX 30xx, H100), fp16 on V100, T4 and RTX 20xx, fp32 on older GPUs, MPS and CPU.")(fn)
     fn = click.option("--force-mps", is_flag=True, help="Use Apple MPS even though it falls back to CPU by default.")(fn)
-    # A plain string, checked by select_device, so a wrong name gets our one-line error.
     fn = click.option("--device", default=None, help="cuda, mps or cpu; overrides the automatic choice (cuda > mps > cpu).")(fn)
     return fn
 
@@ -52,7 +55,7 @@ def model_summary(model_dir, llm, codec, choice) -> str:
         [
             f"  device         {choice.device} ({choice.reason})",
             f"  precision      {choice.precision}",
-            f"  model version  {model_dir.version.name} (weights licence: {model_dir.version.license})",
+            f"  model version  {model_dir.version.name} (weights licence: {model_dir.license})",
             f"  base model     {model_dir.path}",
             f"  LLM            {count_parameters(llm):,} parameters, {model_dir.num_codebooks} codebooks",
             f"  codec          {count_parameters(codec):,} parameters, {model_dir.version.sample_rate} Hz",

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fs_pipeline.device import flash_attention_available
+
 IGNORE = -100
 
 
@@ -62,12 +64,23 @@ def _run_layers(layers, x, freqs_cis, mask, gradient_checkpointing: bool):
     return x
 
 
+def causal_mask(model, x: torch.Tensor) -> torch.Tensor | None:
+    """The slow transformer's attention mask for hidden states x (batch, length, dim). None where SDPA's flash
+    kernel exists for x's device and compute dtype: fish-speech then runs flash attention, causal, the fastest
+    kernel. Elsewhere (fp32 on CUDA, GPUs before Ampere, MPS) fish-speech would still force flash and fail
+    with 'No available kernel'; the explicit causal mask lets SDPA pick one that exists (memory-efficient or math)."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    if flash_attention_available(x.device, dtype):
+        return None
+    return model.causal_mask[None, None, : x.shape[1], : x.shape[1]]
+
+
 def slow_forward(model, inputs: torch.Tensor, gradient_checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(token logits, hidden states) for inputs of shape (batch, num_codebooks + 1, length)."""
     x = embed(model, inputs)
     freqs_cis = model.freqs_cis[: inputs.shape[-1]]
-    # mask=None makes the attention causal (and lets SDPA use its flash kernel)
-    x = _run_layers(model.layers, x, freqs_cis, None, gradient_checkpointing)
+    x = _run_layers(model.layers, x, freqs_cis, causal_mask(model, x), gradient_checkpointing)
     normed = model.norm(x)
     logits = F.linear(normed, model.embeddings.weight) if model.config.tie_word_embeddings else model.output(normed)
     return logits, x

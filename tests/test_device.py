@@ -4,30 +4,109 @@ import torch
 
 from fs_pipeline import PipelineError
 from fs_pipeline import device as device_module
-from fs_pipeline.device import select_device
+from fs_pipeline import modeling
+from fs_pipeline.device import flash_attention_available, select_device
+from fs_pipeline.models import load_llm
+from tests.test_modeling import LOGITS, batch_rows, pad
+
+# compute capabilities, as torch.cuda.get_device_capability reports them
+GPUS = {"P100": (6, 0), "V100": (7, 0), "T4": (7, 5), "A100": (8, 0), "H100": (9, 0)}
 
 
 @pytest.fixture
 def machine(monkeypatch):
-    """Pretend to be a machine with the given accelerators."""
+    """Pretend to be a machine with the given accelerators: `cuda` is a GPU's compute capability."""
 
-    def set_machine(cuda=False, mps=False, bf16=True):
-        monkeypatch.setattr(device_module, "_cuda_available", lambda: cuda)
+    def set_machine(cuda=None, mps=False):
+        monkeypatch.setattr(device_module, "_cuda_available", lambda: cuda is not None)
         monkeypatch.setattr(device_module, "_mps_available", lambda: mps)
-        monkeypatch.setattr(device_module, "_cuda_bf16_supported", lambda: bf16)
+        monkeypatch.setattr(device_module, "_cuda_capability", lambda device=None: cuda)
+        # as torch answers: by default a T4 or V100 says yes too, counting bf16 emulation
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or cuda >= (8, 0))
 
     return set_machine
 
 
 def test_auto_prefers_cuda_with_bf16(machine):
-    machine(cuda=True, mps=True)
+    machine(cuda=GPUS["H100"], mps=True)
     choice = select_device()
     assert (choice.type, choice.dtype) == ("cuda", torch.bfloat16)
 
 
-def test_cuda_without_bf16_uses_fp32(machine):
-    machine(cuda=True, bf16=False)
-    assert select_device().dtype == torch.float32
+@pytest.mark.parametrize("gpu, precision, dtype, flash", [
+    ("P100", "auto", torch.float32, False),
+    ("P100", "fp16", torch.float16, False),
+    ("V100", "auto", torch.float16, False),
+    ("V100", "fp32", torch.float32, False),
+    ("T4", "auto", torch.float16, False),
+    ("T4", "fp16", torch.float16, False),
+    ("T4", "fp32", torch.float32, False),
+    ("A100", "auto", torch.bfloat16, True),
+    ("A100", "fp16", torch.float16, True),
+    ("A100", "fp32", torch.float32, False),
+    ("H100", "auto", torch.bfloat16, True),
+    ("H100", "bf16", torch.bfloat16, True),
+    ("H100", "fp16", torch.float16, True),
+    ("H100", "fp32", torch.float32, False),
+])
+def test_precision_and_attention_kernel_per_gpu(machine, gpu, precision, dtype, flash):
+    """bf16 only where native (not emulated), fp16 from Volta, fp32 before; flash attention only in fp16/bf16 from Ampere."""
+    machine(cuda=GPUS[gpu])
+    choice = select_device(precision=precision)
+    assert (choice.type, choice.dtype) == ("cuda", dtype)
+    assert flash_attention_available(choice.device, choice.dtype) == flash
+
+
+@pytest.mark.parametrize("gpu", ["T4", "V100"])
+def test_bf16_without_native_support_is_an_error(machine, gpu):
+    machine(cuda=GPUS[gpu])
+    capability = ".".join(map(str, GPUS[gpu]))
+    with pytest.raises(PipelineError, match=rf"--precision bf16: this GPU \(compute capability {capability}\) has no native bf16"):
+        select_device(precision="bf16")
+
+
+def test_cpu_and_mps_run_fp32_only(machine):
+    machine(mps=True)
+    assert select_device("cpu", precision="fp32").dtype == torch.float32
+    assert select_device(force_mps=True).dtype == torch.float32
+    for device, precision in (("cpu", "bf16"), ("mps", "fp16")):
+        with pytest.raises(PipelineError, match=f"--precision {precision} runs on CUDA GPUs only, and this run is on {device}"):
+            select_device(device, force_mps=True, precision=precision)
+    assert flash_attention_available(torch.device("cpu"), torch.float32)
+    assert not flash_attention_available(torch.device("mps"), torch.float32)
+
+
+def test_unknown_precision(machine):
+    machine(cuda=GPUS["H100"])
+    with pytest.raises(PipelineError, match="unknown precision 'fp8': use one of auto, bf16, fp16, fp32"):
+        select_device(precision="fp8")
+
+
+def test_attention_gets_the_causal_mask_where_flash_does_not_exist(tiny_model_dir, cpu, monkeypatch):
+    """Where flash runs (here: CPU) attention gets no mask, as before. Elsewhere it gets the causal mask, asked for
+    the compute dtype (autocast's, where on), and gives the same logits at every position of a padded and packed batch."""
+    model = load_llm(tiny_model_dir, cpu)
+    inputs, _ = pad(model, batch_rows(model))
+    x = modeling.embed(model, inputs)
+    assert modeling.causal_mask(model, x) is None
+    with torch.inference_mode():
+        flash_logits, _ = modeling.slow_forward(model, inputs)
+
+    asked = []
+
+    def no_flash(device, dtype):
+        asked.append(dtype)
+        return False
+
+    monkeypatch.setattr(modeling, "flash_attention_available", no_flash)
+    length = inputs.shape[-1]
+    assert torch.equal(modeling.causal_mask(model, x), torch.ones(length, length, dtype=torch.bool).tril()[None, None])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        modeling.causal_mask(model, x)
+    assert asked == [torch.float32, torch.bfloat16]
+    with torch.inference_mode():
+        masked_logits, _ = modeling.slow_forward(model, inputs)
+    torch.testing.assert_close(masked_logits, flash_logits, **LOGITS)
 
 
 def test_mps_falls_back_to_cpu_unless_forced(machine):
@@ -45,7 +124,7 @@ def test_cpu_only_machine(machine):
 
 
 def test_explicit_cpu_wins_over_cuda(machine):
-    machine(cuda=True)
+    machine(cuda=GPUS["H100"])
     assert select_device("cpu").type == "cpu"
 
 

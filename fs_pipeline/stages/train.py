@@ -168,10 +168,13 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
+    scaler = choice.grad_scaler()
     step, consumed = 0, 0
     if resume:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        if payload.get("grad_scaler"):  # empty from a run without fp16; a fresh scaler then starts
+            scaler.load_state_dict(payload["grad_scaler"])
         checkpoints.restore_rng(payload["rng"])
         step, consumed = payload["step"], payload["data"]["consumed"]
         logger.info(f"resuming from {resume} at step {step}")
@@ -193,6 +196,7 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
                 "run": identity,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict(),
                 "rng": checkpoints.rng_state(),
                 "data": {"consumed": consumed},
                 "metrics": metrics,
@@ -213,10 +217,12 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
             for _ in range(settings.gradient_accumulation_steps):
                 micro_batches.append(_batch(train_examples, consumed, settings.batch_size, settings.seed, model, choice.device))
                 consumed += settings.batch_size
-            totals = accumulate_gradients(model, micro_batches, choice, settings.gradient_checkpointing)
+            totals = accumulate_gradients(model, micro_batches, choice, settings.gradient_checkpointing, scaler)
+            scaler.unscale_(optimizer)  # clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            _check_finite(step + 1, totals["loss"], float(grad_norm), ckpt_dir)
-            optimizer.step()
+            _check_finite(step + 1, totals["loss"], float(grad_norm), ckpt_dir, overflow_skips=scaler.is_enabled())
+            scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -245,10 +251,11 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     return TrainResult(step, last_path, stop.name, train_loss, val_loss)
 
 
-def _check_finite(step: int, loss: float, grad_norm: float, ckpt_dir: Path) -> None:
+def _check_finite(step: int, loss: float, grad_norm: float, ckpt_dir: Path, overflow_skips: bool = False) -> None:
     """A non-finite loss or gradient stops training before the step is applied, so no checkpoint ever holds
-    non-finite weights."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    non-finite weights. With `overflow_skips` (fp16's gradient scaler) a non-finite gradient is an overflow of
+    the scaled loss: the scaler skips that step and lowers its scale."""
+    if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow_skips):
         return
     last = checkpoints.latest(ckpt_dir)
     raise PipelineError(
@@ -356,7 +363,8 @@ def _pad(picks, model, device) -> Batch:
                  int(tokens), int(codebook_targets))
 
 
-def accumulate_gradients(model, batches: list[Batch], choice: DeviceChoice, gradient_checkpointing: bool = False) -> dict[str, float]:
+def accumulate_gradients(model, batches: list[Batch], choice: DeviceChoice, gradient_checkpointing: bool = False,
+                         scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """Backward over the micro-batches of one optimizer step, token-weighted: each loss is the sum of its
     per-target losses over the whole effective batch divided by the effective batch's number of targets
     (for the token and the codebook loss each), so 4 micro-batches of 1 give the gradients of one batch
@@ -367,7 +375,8 @@ def accumulate_gradients(model, batches: list[Batch], choice: DeviceChoice, grad
     for batch in batches:
         with choice.autocast():
             result = forward(model, batch.inputs, batch.labels, batch.frames, gradient_checkpointing)
-        (result.token_loss_sum / tokens + result.codebook_loss_sum / targets).backward()
+        loss = result.token_loss_sum / tokens + result.codebook_loss_sum / targets
+        (scaler.scale(loss) if scaler else loss).backward()
         hits = result.top5_accuracy * result.tokens
         sums += torch.stack([result.token_loss_sum.detach(), result.codebook_loss_sum.detach(), hits.detach()]).float()
     token_sum, codebook_sum, hits = sums.tolist()  # one wait for the GPU per step
