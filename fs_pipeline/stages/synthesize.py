@@ -1,17 +1,21 @@
 """Synthesize: text -> semantic frames (the LLM) -> audio (the codec decoder).
 
 Reads   a model dir (a merged one, or a base plus --lora adapters), optional reference audio + its text
-Writes  one wav per line of text, at the codec's sample rate
+Writes  with speak(), one 16-bit wav per text; render() only returns the audio (cli_tts.py writes it as -o names)
 
 The prompt is prompt.prompt_values, the sequence training used: optional reference turns (text, codes,
 <|im_end|>), then the text, after which the model emits frames until <|im_end|>. Decoding is
 constrained: the slow transformer may only emit a semantic token or <|im_end|>, and each residual
 codebook is sampled among the codes its codec codebook has. Generation runs on fish-speech's own
 inference forward (forward_generate / forward_generate_fast with its KV caches).
+
+Sampling is fish-speech 0.1.0's (models/text2semantic/inference.py): a repetition penalty on the logits of
+recent frames' tokens, then top-p on the penalised logits, then the temperature, then a draw, with the
+window of recent frames formed as its decode_n_tokens forms it (see _remember and _next_frame).
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,23 +28,37 @@ from fs_pipeline.models import ModelDir, build_llm, load_codec, load_llm, load_l
 from fs_pipeline.prompt import prompt_values
 
 
+# fish-speech's decode_n_tokens penalises repeats among the last 16 frames (its win_size)
+REPETITION_WINDOW = 16
+
+
 @dataclass(frozen=True)
 class SynthesisSettings:
     temperature: float = 0.8
     top_p: float = 0.8
+    repetition_penalty: float = 1.1  # fish-speech's default; 1.0 turns the penalty off
     max_new_frames: int = 1024
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class Synthesis:
-    path: Path
+    audio: np.ndarray  # mono float32 at sample_rate
+    sample_rate: int
     frames: int
-    audio_seconds: float
-    seconds: float  # wall time for generation and decoding
+    # None when the model ended the text itself; else what stopped it first: "max_new_frames" (the
+    # setting) or "max_seq_len" (the model's context is full). Either way the audio may be cut short.
+    cut_off: str | None
+    seconds: float  # wall time of generation alone: LLM frames and codec decoding, no start-up, no writing
+    path: Path | None = None  # where speak() wrote it
+
+    @property
+    def audio_seconds(self) -> float:
+        return len(self.audio) / self.sample_rate
 
     @property
     def realtime_factor(self) -> float:
+        """Seconds of audio per second of generation ("× realtime"): above 1 is faster than playback."""
         return self.audio_seconds / self.seconds if self.seconds else 0.0
 
 
@@ -88,48 +106,67 @@ class Synthesizer:
         self.model.max_seq_len = self.model.max_batch_size = -1
 
     def speak(self, text: str, output: Path, settings: SynthesisSettings) -> Synthesis:
+        """render(), then write the audio to `output` as a 16-bit wav, even when it is empty (no frames)."""
+        speech = self.render(text, settings)
+        write_wav(output, speech.audio, speech.sample_rate)
+        return replace(speech, path=Path(output))
+
+    def render(self, text: str, settings: SynthesisSettings) -> Synthesis:
+        """`text` spoken, in memory. Its `seconds` time the LLM and the codec decoder alone: the KV caches
+        are set up before the clock starts."""
         if not text.strip():
             raise PipelineError("the text to speak is empty: pass some words")
+        self._ensure_caches()
         started = time.perf_counter()
-        codes = self.generate(text.strip(), settings)
+        codes, cut_off = self._generate(text.strip(), settings)
         with torch.inference_mode():
             if codes.shape[1]:
                 audio, _ = self.codec.decode(codes[None].to(self.choice.device), torch.tensor([codes.shape[1]], device=self.choice.device))
                 samples = audio[0, 0].float().cpu().numpy()
             else:
                 samples = np.zeros(0, dtype=np.float32)
-        rate = self.model_dir.version.sample_rate
-        write_wav(output, samples, rate)
-        return Synthesis(Path(output), codes.shape[1], len(samples) / rate, time.perf_counter() - started)
+        return Synthesis(samples, self.model_dir.version.sample_rate, codes.shape[1], cut_off, time.perf_counter() - started)
+
+    def generate(self, text: str, settings: SynthesisSettings) -> torch.Tensor:
+        """Codes (num_codebooks, frames) for `text`."""
+        return self._generate(text, settings)[0]
 
     @torch.inference_mode()
-    def generate(self, text: str, settings: SynthesisSettings) -> torch.Tensor:
-        """Codes (num_codebooks, frames) for `text`. Sampling stays on the device: the only wait for it is
-        one look per frame at whether the model ended the utterance."""
+    def _generate(self, text: str, settings: SynthesisSettings) -> tuple[torch.Tensor, str | None]:
+        """Codes (num_codebooks, frames) for `text`, and what cut generation off (Synthesis.cut_off). Sampling
+        stays on the device: the only wait for it is one look per frame at whether the model ended the text."""
         model, device = self.model, self.choice.device
         tokenizer, n = model.tokenizer, model.config.num_codebooks
         prompt = prompt_values(tokenizer, [*self.reference, (text, None)], n).to(device)
         length = prompt.shape[1]
-        budget = min(settings.max_new_frames, model.config.max_seq_len - length - 1)
-        if budget < 1:
+        context_left = model.config.max_seq_len - length - 1
+        if context_left < 1:
             raise PipelineError(f"the prompt takes {length} tokens, the model's limit is {model.config.max_seq_len}: use a shorter text or reference")
+        budget = min(settings.max_new_frames, context_left)
+        cut_off = "max_new_frames" if budget == settings.max_new_frames else "max_seq_len"
         self._ensure_caches()
-        sampling = (max(settings.temperature, 1e-5), settings.top_p)
+        # 0-d tensors on the device, as fish-speech passes them: the compiled step takes new values without recompiling
+        sampling = [torch.tensor(value, device=device) for value in (settings.temperature, settings.top_p, settings.repetition_penalty)]
+        # fish-speech starts its window as zeros, so code 0 counts as recent until 16 frames exist
+        window = torch.zeros(n + 1, REPETITION_WINDOW, dtype=torch.long, device=device)
         frames = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.choice.autocast():
             torch.manual_seed(settings.seed)
             result = model.forward_generate(prompt[None], torch.arange(length, device=device))
-            frame = self._next_frame(result.logits[0, -1], result.hidden_states[:, -1:], *sampling)
-            for position in range(length, length + budget):
+            # the first frame has no penalty, as fish-speech's prefill, and never enters the window
+            frame = self._next_frame(result.logits[0, -1], result.hidden_states[:, -1:], None, *sampling)
+            for step, position in enumerate(range(length, length + budget)):
                 if int(frame[0]) == self.end_id:
+                    cut_off = None
                     break
                 frames.append(frame)
                 if len(frames) < budget:
                     # cloned: a CUDA-graph step's output buffer is overwritten by its next replay
-                    frame = self._decode_step(frame, torch.tensor([position], device=device), *sampling).clone()
+                    frame = self._decode_step(frame, torch.tensor([position], device=device), window, *sampling).clone()
+                    window = _remember(window, frame, step)
         if not frames:
-            return torch.zeros(n, 0, dtype=torch.long)
-        return torch.stack(frames)[:, 1:].T.cpu()
+            return torch.zeros(n, 0, dtype=torch.long), cut_off
+        return torch.stack(frames)[:, 1:].T.cpu(), cut_off
 
     def _ensure_caches(self) -> None:
         model = self.model
@@ -137,34 +174,70 @@ class Synthesizer:
             with torch.device(self.choice.device):  # the caches are created where this says
                 model.setup_caches(max_batch_size=1, max_seq_len=model.config.max_seq_len, dtype=next(model.parameters()).dtype)
 
-    def _step(self, frame: torch.Tensor, position: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    def _step(self, frame: torch.Tensor, position: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
+              top_p: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
         """Feed `frame` at `position`, and sample the next frame."""
         result = self.model.forward_generate(frame[None, :, None], position)
-        return self._next_frame(result.logits[0, -1], result.hidden_states[:, -1:], temperature, top_p)
+        return self._next_frame(result.logits[0, -1], result.hidden_states[:, -1:], window, temperature, top_p, penalty)
 
-    def _next_frame(self, logits: torch.Tensor, hidden: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-        """(token id, code 0, .., code n-1) sampled from the slow transformer's last logits and hidden state.
-        The token is a semantic token or <|im_end|> (then the codes are meaningless); each code is one that
-        its codec codebook has."""
+    def _next_frame(self, logits: torch.Tensor, hidden: torch.Tensor, window: torch.Tensor | None, temperature: torch.Tensor,
+                    top_p: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        """(token id, code 0, .., code n-1) sampled from the slow transformer's last logits and hidden state,
+        with the repetition penalty over `window` (recent frames, one per column; None: no penalty). The token
+        is a semantic token or <|im_end|> (then the codes are meaningless); each code is one that its codec
+        codebook has."""
         model, tokenizer = self.model, self.model.tokenizer
         first, last, end_id = tokenizer.semantic_begin_id, tokenizer.semantic_end_id, self.end_id
-        candidates = torch.cat([logits[first : last + 1], logits[end_id : end_id + 1]]).float()
-        pick = _sample(candidates, temperature, top_p)
+        logits = logits.float()
+        if window is not None:
+            # fish-speech's decode_one_token_ar penalises the slow transformer's logits at window[:, 0]: the
+            # window's oldest frame (its token, and its codes read as token ids), not the window's token row.
+            # The same here, so that a model samples as under fish-speech's own generate.
+            logits = _penalise(logits, window[:, 0], penalty)
+        candidates = torch.cat([logits[first : last + 1], logits[end_id : end_id + 1]])
+        pick = _draw(_probabilities(candidates, None, penalty, temperature, top_p))
         token = torch.where(pick == last + 1 - first, end_id, first + pick)
         codes = [pick.clamp(max=last - first)]
         model.forward_generate_fast(hidden, self.fast_positions[:1])
         for codebook in range(1, model.config.num_codebooks):
             x = model.fast_embeddings(codes[-1][None])
             logits = model.forward_generate_fast(x, self.fast_positions[codebook : codebook + 1])
-            codes.append(_sample(logits[0, 0, : self.residual_size].float(), temperature, top_p))
+            recent = None if window is None else window[codebook + 1]  # this codebook's codes in the recent frames
+            codes.append(_draw(_probabilities(logits[0, 0, : self.residual_size].float(), recent, penalty, temperature, top_p)))
         return torch.stack([token, *codes])
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Nucleus sampling at a temperature, on the device: the index drawn, as a 0-d tensor."""
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_probs, order = probs.sort(descending=True)
-    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely one
-    # the argmax of p / Exp(1) noise draws index i with probability p_i, with no wait for the host
-    choice = (sorted_probs * keep / torch.empty_like(sorted_probs).exponential_()).argmax()
-    return order.gather(0, choice.view(1)).squeeze(0)
+def _remember(window: torch.Tensor, frame: torch.Tensor, step: int) -> torch.Tensor:
+    """The window after decoding step `step` gave `frame`, as fish-speech's decode_n_tokens forms it: the
+    first REPETITION_WINDOW steps fill the zeroed columns in order, later ones push out the oldest."""
+    if step < REPETITION_WINDOW:
+        window[:, step] = frame
+        return window
+    return torch.cat([window[:, 1:], frame[:, None]], dim=1)
+
+
+def _penalise(logits: torch.Tensor, previous: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """fish-speech's repetition penalty: the logit of each index in `previous` (repeats count once) is
+    divided by `penalty` where it is positive and multiplied by it where negative."""
+    score = logits.gather(0, previous)
+    return logits.scatter(0, previous, torch.where(score < 0, score * penalty, score / penalty))
+
+
+def _probabilities(logits: torch.Tensor, previous: torch.Tensor | None, penalty: torch.Tensor, temperature: torch.Tensor,
+                   top_p: torch.Tensor) -> torch.Tensor:
+    """fish-speech's logits_to_probs: the repetition penalty on `previous`, then top-p on the penalised
+    logits (the tokens past the first whose cumulative probability exceeds top_p go; the most likely one
+    always stays), then the temperature, then softmax. Static shapes and no host sync, for --compile."""
+    if previous is not None:
+        logits = _penalise(logits, previous, penalty)
+    sorted_logits, order = torch.sort(logits, descending=True)
+    remove = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1) > top_p
+    remove[0] = False
+    logits = logits.masked_fill(remove.scatter(0, order, remove), -float("inf"))
+    return torch.softmax(logits / torch.clip(temperature, min=1e-5), dim=-1)
+
+
+def _draw(probs: torch.Tensor) -> torch.Tensor:
+    """An index drawn with probability probs[i], as a 0-d tensor: the argmax of p / Exp(1) noise, with no
+    wait for the host (fish-speech's multinomial_sample_one_no_sync, drawing the same noise)."""
+    return torch.argmax(probs / torch.empty_like(probs).exponential_(1))
