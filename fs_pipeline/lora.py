@@ -79,6 +79,14 @@ def add_lora(model, lora: LoraSettings) -> None:
     loralib.mark_only_lora_as_trainable(model, bias="none")
 
 
+def set_adapter_scale(model, scale: float) -> None:
+    """Make every adapted layer compute W·x + scale·(B·A·x)·alpha/r: loralib's forward multiplies by the
+    layer's `scaling` (alpha/r as built), so the layers as they are become base + scale·LoRA."""
+    for parent, name in adapted_layers(model):
+        layer = getattr(parent, name)
+        layer.scaling = scale * layer.lora_alpha / layer.r
+
+
 def prepare_for_training(model, device: torch.device, dtype: torch.dtype) -> None:
     """Base weights in the compute dtype; adapters in fp32, so optimizer updates don't lose precision."""
     model.to(device)

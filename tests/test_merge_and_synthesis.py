@@ -4,18 +4,24 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import soundfile as sf
 import torch
 
 from fs_pipeline import PipelineError, checkpoints
+from fs_pipeline.lora import adapted_layers
 from fs_pipeline.manifest import Manifest
 from fs_pipeline.models import build_llm, load_llm, load_llm_weights, model_identity, open_model_dir
 from fs_pipeline.project import Project
+from fs_pipeline.prompt import prompt_values
 from fs_pipeline.stages import extract, merge, pack, train
 from fs_pipeline.stages.synthesize import SynthesisSettings, Synthesizer
 from tests.conftest import REPO
+from tests.test_modeling import upstream_decode
+
+TRAIN = dict(max_steps=8, batch_size=4, learning_rate=3e-3, warmup_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +34,24 @@ def trained(sample_dataset, tiny_model_path, cpu, tmp_path_factory):
     manifest = Manifest(project.manifest_path)
     extract.run(extract.ExtractSettings(data, num_workers=0), base, cpu, manifest)
     pack.run(pack.PackSettings(data), base, project, manifest)
-    train.run(train.TrainSettings(max_steps=8, checkpoint_every=4, batch_size=4, learning_rate=3e-3, warmup_steps=2), base, cpu, project)
+    train.run(train.TrainSettings(checkpoint_every=4, **TRAIN), base, cpu, project)
     return root, base, project
+
+
+@pytest.fixture(scope="module")
+def trained_bf16(trained, cpu):
+    """As with a real release: the base's weights stored in bf16, and a project trained on it (the same codes)."""
+    root, base, _ = trained
+    path = shutil.copytree(base.path, root / "base_bf16")
+    state = torch.load(path / "model.pth", weights_only=True)
+    torch.save({k: v.to(torch.bfloat16) for k, v in state.items()}, path / "model.pth")
+    base = open_model_dir(path)
+    project = Project("voice16", root=root / "results")
+    manifest = Manifest(project.manifest_path)
+    extract.run(extract.ExtractSettings(root / "data", num_workers=0), base, cpu, manifest)
+    pack.run(pack.PackSettings(root / "data"), base, project, manifest)
+    train.run(train.TrainSettings(checkpoint_every=8, **TRAIN), base, cpu, project)
+    return base, project
 
 
 @pytest.fixture
@@ -69,9 +91,14 @@ def test_default_checkpoint_is_the_best_and_manifest_says_so(merged):
     result, _, project = merged
     assert result.checkpoint == checkpoints.best(project.dir / "checkpoints").path
     manifest = json.loads((result.merged_dir / "manifest.json").read_text())
-    assert manifest["base_model"]["license"].startswith("CC-BY-NC-SA-4.0")
-    assert manifest["merge_check"]["passed"] is True
+    assert manifest["base_model"]["license"].startswith("none (random weights")  # the tiny kit's model card, copied with the model
+    assert (result.merged_dir / "README.md").read_text() == (Path(manifest["base_model"]["path"]) / "README.md").read_text()
     assert manifest["lora_config"] == {"r": 8, "alpha": 16, "dropout": 0.0}
+    assert manifest["scale"] == 1.0 and manifest["inputs"]["scale"] == 1.0
+    check = manifest["merge_check"]
+    assert check["passed"] is True and check["max_logit_diff"] <= check["tolerance"]
+    # stored as the base is, in fp32: the stored model is the checked one
+    assert check["storage_dtype"] == "float32" and check["storage_cast_max_logit_diff"] == 0
     assert manifest["checkpoint"]["step"] in (4, 8) and len(manifest["data_sha256"]) == 64
 
 
@@ -172,15 +199,136 @@ def test_failed_merge_check_is_an_error(trained, cpu, tmp_path, monkeypatch):
     _, base, project = trained
     real = merge.merged_weights
 
-    def noisy(model, dtype):
-        state = real(model, dtype)
+    def noisy(model):
+        state = real(model)
         state["layers.0.attention.wqkv.weight"] += 0.5
         return state
 
     monkeypatch.setattr(merge, "merged_weights", noisy)
-    with pytest.raises(PipelineError, match=r"merge check failed: merged logits differ .*the merged model was not installed"):
+    with pytest.raises(PipelineError, match=r"merge check failed: fp32 merged logits differ .*the merged model was not installed"):
         merge.run(merge.MergeSettings(output_root=tmp_path), base, cpu, project)
     assert not (tmp_path / "voice-merged").exists()
+
+
+def named_adapted_layers(model) -> list[tuple[str, torch.nn.Module, str]]:
+    """adapted_layers(model), each with its name as in the state dict."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [(f"{names[id(parent)]}.{attribute}".lstrip("."), parent, attribute) for parent, attribute in adapted_layers(model)]
+
+
+@pytest.fixture(scope="module")
+def layer_effects(trained_bf16):
+    """Per adapted layer: how far leaving out its adapter alone moves the probe's logits (max |difference|);
+    and the largest probe logit of base+LoRA."""
+    base, project = trained_bf16
+    model = adapted_model(base, checkpoints.latest(project.dir / "checkpoints").path)
+    inputs, labels = merge.probe_batch(model)
+    reference = merge.probe_logits(model, inputs, labels)
+    effects = {}
+    for name, parent, attribute in named_adapted_layers(model):
+        lora_B = getattr(parent, attribute).lora_B
+        trained_B = lora_B.detach().clone()
+        with torch.no_grad():
+            lora_B.zero_()
+            effects[name] = (merge.probe_logits(model, inputs, labels) - reference).abs().max().item()
+            lora_B.copy_(trained_B)
+    return effects, reference.abs().max().item()
+
+
+def test_tolerance_is_far_below_any_one_layers_adapter(layer_effects):
+    effects, largest_logit = layer_effects
+    tolerance = merge.TOLERANCE * max(1.0, largest_logit)
+    weakest = min(effects, key=effects.get)
+    assert effects[weakest] >= 100 * tolerance, f"{weakest}'s adapter moves the probe by {effects[weakest]:.3g}, tolerance {tolerance:.3g}"
+
+
+def test_a_merge_without_one_layers_adapter_fails_and_installs_nothing(trained_bf16, layer_effects, cpu, tmp_path, monkeypatch):
+    """The merge leaves out the adapter that moves the probe least. Before issue 16 this passed: the check
+    compared the model as stored (bf16) within 3% of the largest logit."""
+    base, project = trained_bf16
+    effects, _ = layer_effects
+    weakest = min(effects, key=effects.get)
+
+    def all_but_the_weakest(model):
+        return [(parent, attribute) for name, parent, attribute in named_adapted_layers(model) if name != weakest]
+
+    monkeypatch.setattr(merge, "adapted_layers", all_but_the_weakest)
+    message = r"^merge check failed: fp32 merged logits differ from base\+1·LoRA by .*the merged model was not installed"
+    with pytest.raises(PipelineError, match=message):
+        merge.run(merge.MergeSettings(output_root=tmp_path), base, cpu, project)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_rounding_is_recorded_apart_and_fails_nothing(trained_bf16, cpu, tmp_path):
+    base, project = trained_bf16
+    result = merge.run(merge.MergeSettings(output_root=tmp_path), base, cpu, project)
+    check = json.loads((result.merged_dir / "manifest.json").read_text())["merge_check"]
+    assert check["passed"] is True and check["storage_dtype"] == "bfloat16"
+    assert check["max_logit_diff"] <= check["tolerance"] < check["storage_cast_max_logit_diff"]
+    assert all(v.dtype == torch.bfloat16 for v in torch.load(result.merged_dir / "model.pth", weights_only=True).values())
+    # The stored model against base+LoRA differs by the cast error, give or take the fp32 merge's own error.
+    reference = adapted_model(base, result.checkpoint)
+    inputs, labels = merge.probe_batch(reference)
+    stored = merge.probe_logits(load_llm(open_model_dir(result.merged_dir), cpu), inputs, labels)
+    stored_diff = (stored - merge.probe_logits(reference, inputs, labels)).abs().max().item()
+    assert abs(stored_diff - check["storage_cast_max_logit_diff"]) <= check["max_logit_diff"]
+
+
+def test_merged_dir_loads_in_fish_speech_with_our_logits(merged):
+    """fish-speech 0.1.0's own loader and its own inference (KV caches, one position at a time) on the merged
+    directory give base+LoRA's probe logits, within the merge check's tolerance."""
+    from fish_speech.models.text2semantic.llama import DualARTransformer
+
+    result, base, _ = merged
+    upstream = DualARTransformer.from_pretrained(str(result.merged_dir), load_weights=True).eval()
+    assert isinstance(upstream, DualARTransformer)
+    sequence = prompt_values(upstream.tokenizer, merge.probe_turns(upstream), upstream.config.num_codebooks)
+    with torch.inference_mode():
+        token_logits, codebook_logits = upstream_decode(upstream, sequence)
+    reference = adapted_model(base, result.checkpoint)
+    inputs, labels = merge.probe_batch(reference)
+    expected = merge.probe_logits(reference, inputs, labels)
+    tolerance = merge.TOLERANCE * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(torch.cat([token_logits.flatten(), codebook_logits.flatten()]), expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, 2.5, float("nan"), float("inf")])
+def test_merge_scale_out_of_range_is_one_clear_line(scale):
+    with pytest.raises(PipelineError, match=r"^--merge-scale must be above 0 and at most 2 \(got [^)]+\): 1 merges the adapters as trained"):
+        merge.check(merge.MergeSettings(scale=scale))
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 2.0])
+def test_merge_scale_in_range_passes_the_check(scale):
+    merge.check(merge.MergeSettings(scale=scale))
+
+
+def test_half_scale_merges_half_of_each_adapter(merged, cpu):
+    result, base, project = merged
+    root = result.merged_dir.parent
+    full_merge = load_llm(open_model_dir(result.merged_dir), cpu)
+    half = merge.run(merge.MergeSettings(output_root=root, scale=0.5), base, cpu, project)
+    assert not half.skipped  # another scale is another merge
+    manifest = json.loads((half.merged_dir / "manifest.json").read_text())
+    assert manifest["scale"] == 0.5 and manifest["inputs"]["scale"] == 0.5 and manifest["merge_check"]["passed"] is True
+    assert merge.run(merge.MergeSettings(output_root=root, scale=0.5), base, cpu, project).skipped
+
+    # base + 0.5·LoRA without loralib's scaling: B·A·alpha/r is linear in B
+    half_lora = adapted_model(base, result.checkpoint)
+    with torch.no_grad():
+        for name, parameter in half_lora.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(0.5)
+    inputs, labels = merge.probe_batch(half_lora)
+    logits = {name: merge.probe_logits(model, inputs, labels) for name, model in [
+        ("base", load_llm(base, cpu)), ("half lora", half_lora), ("full merge", full_merge),
+        ("half merge", load_llm(open_model_dir(half.merged_dir), cpu)), ("export", adapted_model(base, half.adapter_dir)),
+    ]}
+    tolerance = merge.TOLERANCE * max(1.0, logits["half lora"].abs().max().item())
+    torch.testing.assert_close(logits["half merge"], logits["half lora"], rtol=0, atol=tolerance)
+    gap = (logits["full merge"] - logits["base"]).abs().max()
+    assert (logits["half merge"] - logits["base"]).abs().max() < gap and (logits["half merge"] - logits["full merge"]).abs().max() < gap
+    assert torch.equal(logits["export"], merge.probe_logits(adapted_model(base, result.checkpoint), inputs, labels))  # the adapters as trained
 
 
 def test_missing_checkpoint_step(trained, cpu, tmp_path):
@@ -247,17 +395,8 @@ def test_merged_dir_is_self_contained(copy, merged, tmp_path):
     finally:
         hidden_base.rename(base.path)
     assert done.returncode == 0, done.stderr
-    assert "Wrote out.wav" in done.stdout and "realtime factor" in done.stdout
+    assert "Wrote out.wav" in done.stdout and "× realtime" in done.stdout
     assert sf.info(alone / "out.wav").frames > 0
-
-
-def test_text_file_writes_one_wav_per_line(merged, tmp_path):
-    result, _, _ = merged
-    (tmp_path / "lines.txt").write_text("First line.\n\nSecond line.\nThird line.\n")
-    done = run_tts(["--text-file", "lines.txt", "--model-path", str(result.merged_dir), "--output-dir", "wavs",
-                    "--max-new-frames", "10", "--device", "cpu"], tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in (tmp_path / "wavs").iterdir()) == ["line_0000.wav", "line_0002.wav", "line_0003.wav"]
 
 
 @pytest.mark.parametrize(
