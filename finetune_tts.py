@@ -1,5 +1,7 @@
 """Fine-tune Fish Speech on a prepared dataset. Run with --help for the stages and their flags."""
 
+from __future__ import annotations
+
 import shlex
 import sys
 from pathlib import Path
@@ -7,15 +9,15 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from fs_pipeline import PipelineError, checkpoints
-from fs_pipeline import pipeline
+from fs_pipeline import PipelineError
 from fs_pipeline.cli import device_options, model_summary, prepare_options, prepare_settings, setup_logging, user_errors
-from fs_pipeline.device import select_device
-from fs_pipeline.lora import LORA_CONFIG_NAMES
-from fs_pipeline.manifest import Manifest
-from fs_pipeline.models import DEFAULT_MODEL_VERSION, MODEL_VERSIONS, load_codec, load_llm, open_model_dir
+from fs_pipeline.dataset import DECODE_WORKERS
+from fs_pipeline.manifest import STAGES, Manifest, stage_slice
 from fs_pipeline.project import Project
-from fs_pipeline.stages import extract, merge, pack, train
+from fs_pipeline.versions import DEFAULT_MODEL_VERSION, MODEL_VERSIONS
+
+# torch, the model code and the stages are imported where they are used, so that --help and a wrong flag
+# answer at once.
 
 DEFAULT_BASE_MODEL = Path("checkpoints/openaudio-s1-mini")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
@@ -35,8 +37,9 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--batch-size-extract", default=16, show_default=True, help="Clips per codec batch (clips of similar length are batched together).")
 @click.option("--batch-seconds-extract", default=240.0, show_default=True,
               help="Most audio seconds per codec batch, counting padding to its longest clip; lower it if extraction runs out of GPU memory.")
-@click.option("--num-workers-extract", default=4, show_default=True, help="DataLoader workers that decode and resample audio.")
-@click.option("--val-fraction", default=0.05, show_default=True, help="Share of each speaker's clips held out for validation.")
+@click.option("--num-workers-extract", default=DECODE_WORKERS, show_default=True,
+              help="DataLoader workers that decode and resample audio [default: the CPU count, at most 4].")
+@click.option("--val-fraction", default=0.05, show_default=True, help="Share of each speaker's audio held out for validation, by source recording.")
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the held-out split.")
 # train
 @click.option("--train", "do_train", is_flag=True, help="Train LoRA adapters (extracts and packs first when that is missing or stale).")
@@ -44,7 +47,7 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--batch-size", default=4, show_default=True)
 @click.option("--learning-rate", default=1e-4, show_default=True)
 @click.option("--gradient-accumulation-steps", default=1, show_default=True)
-@click.option("--lora-config", default="r_8_alpha_16", show_default=True, help=f"LoRA rank and alpha: {', '.join(LORA_CONFIG_NAMES)}.")
+@click.option("--lora-config", default="r_8_alpha_16", show_default=True, help="LoRA rank and alpha as r_RANK_alpha_ALPHA, e.g. r_8_alpha_16, r_4_alpha_8, r_16_alpha_32.")
 @click.option("--warmup-steps", default=10, show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, ~30% slower.")
@@ -70,6 +73,9 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
               help="Fold a checkpoint's adapters into the base: checkpoints/PROJECT-merged/ (self-contained) and checkpoints/PROJECT-lora/.")
 @click.option("--checkpoint-step", type=int, help="Merge the checkpoint of this step [default: best validation loss, else latest].")
 @click.option("--checkpoint", "merge_checkpoint", type=click.Path(path_type=Path), help="Merge this checkpoint file.")
+@click.option("--merge-scale", type=float, default=1.0, show_default=True,
+              help="Adapter strength for --merge-weights: W + S·(B·A·alpha/r). 0.5 is half-way between the base and the fine-tuned "
+                   "voice; above 0, at most 2.")
 @click.option("--best-by", type=click.Choice(["val_loss", "wer"]), default="val_loss", show_default=True,
               help="What 'best checkpoint' means for merging: validation loss, or test-clip WER (needs --test-clips).")
 # the whole pipeline
@@ -78,9 +84,9 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--prepare-data", is_flag=True, help="Prepare --data-dir (raw recordings) into training_data/PROJECT; alone, only that.")
 @click.option("--speaker", default=None, help="Speaker name for prepared raw audio [default: the project name].")
 @prepare_options
-@click.option("--from-stage", type=click.Choice(pipeline.STAGES), default="prepare", show_default=True, help="First stage to run.")
-@click.option("--to-stage", type=click.Choice(pipeline.STAGES), default="synthesize", show_default=True, help="Last stage to run.")
-@click.option("--force-stage", type=click.Choice(pipeline.STAGES), help="Redo this stage and those after it, even if up to date.")
+@click.option("--from-stage", type=click.Choice(STAGES), default="prepare", show_default=True, help="First stage to run.")
+@click.option("--to-stage", type=click.Choice(STAGES), default="synthesize", show_default=True, help="Last stage to run.")
+@click.option("--force-stage", type=click.Choice(STAGES), help="Redo this stage and those after it, even if up to date.")
 @click.option("--status", is_flag=True, help="Show which stages are done, stale or missing.")
 @click.option("--report", is_flag=True, help="With --status: (re)write results/PROJECT/report.md.")
 @device_options
@@ -121,12 +127,15 @@ def main(**flags) -> None:
         if not any(flags[a] for a in ("check_model", "extract_tokens", "do_train", "merge_weights", "full_pipeline", "prepare_data")):
             return
 
+    from fs_pipeline.device import select_device
+    from fs_pipeline.models import load_codec, load_llm, open_model_dir
+
     stages = requested_stages(flags)
     if recalled:
         click.echo(f"Project {project.name} remembers: {' '.join(recalled)} (pass a flag to override it)")
-    if stages and {"prepare", "extract", "pack"} & set(pipeline.stage_slice(*stages)):
+    if stages and {"prepare", "extract", "pack"} & set(stage_slice(*stages)):
         data_dir_of(flags)
-    choice = select_device(flags["device"], flags["force_mps"])
+    choice = select_device(flags["device"], flags["force_mps"], flags["precision"])
     model_dir = open_model_dir(flags["pretrained_ckpt_path"], flags["model_version"])
     if flags["check_model"]:
         click.echo(model_summary(model_dir, load_llm(model_dir, choice), load_codec(model_dir, choice), choice))
@@ -169,7 +178,7 @@ def requested_stages(flags) -> tuple[str, str] | None:
         wanted.append("merge")
     if not wanted:
         return None
-    order = sorted(wanted, key=pipeline.STAGES.index)
+    order = sorted(wanted, key=STAGES.index)
     return order[0], order[-1]
 
 
@@ -200,14 +209,21 @@ def quote(value) -> str:
 
 
 def extract_settings(flags, data_dir: Path) -> extract.ExtractSettings:
+    from fs_pipeline.stages import extract
+
     return extract.ExtractSettings(data_dir, flags["batch_size_extract"], flags["batch_seconds_extract"], flags["num_workers_extract"])
 
 
 def pack_settings(flags, data_dir: Path) -> pack.PackSettings:
+    from fs_pipeline.stages import pack
+
     return pack.PackSettings(data_dir, flags["val_fraction"], flags["split_seed"])
 
 
 def train_settings(flags) -> train.TrainSettings:
+    from fs_pipeline import checkpoints
+    from fs_pipeline.stages import train
+
     return train.TrainSettings(
         max_steps=flags["max_steps"], batch_size=flags["batch_size"], learning_rate=flags["learning_rate"],
         gradient_accumulation_steps=flags["gradient_accumulation_steps"], lora_config=flags["lora_config"],
@@ -221,11 +237,16 @@ def train_settings(flags) -> train.TrainSettings:
 
 
 def merge_settings(flags) -> merge.MergeSettings:
-    return merge.MergeSettings(checkpoint=flags["merge_checkpoint"], checkpoint_step=flags["checkpoint_step"], best_by=flags["best_by"])
+    from fs_pipeline.stages import merge
+
+    return merge.MergeSettings(checkpoint=flags["merge_checkpoint"], checkpoint_step=flags["checkpoint_step"], best_by=flags["best_by"],
+                               scale=flags["merge_scale"])
 
 
 def run_pipeline(project: Project, model_dir, choice, flags, stages: tuple[str, str]) -> None:
     """Every command that writes into a project runs here: the same stages, guards, lock and manifest."""
+    from fs_pipeline import pipeline
+
     first, last = stages
     data_dir = flags["data_dir"] or Path("training_data") / project.name  # merge alone needs no dataset
     prepare_stage, dataset = None, data_dir
@@ -239,7 +260,7 @@ def run_pipeline(project: Project, model_dir, choice, flags, stages: tuple[str, 
     )
     click.echo(f"Device: {choice.describe()}")
     result = pipeline.run(settings, model_dir, choice, project)
-    for stage in pipeline.STAGES:
+    for stage in STAGES:
         if stage in result.details:
             click.echo(STAGE_LINES[stage](result.details[stage], project))
     for warning in result.qa_warnings:
@@ -288,10 +309,18 @@ def _merge_line(result: merge.MergeResult, project) -> str:
             f"adapters alone: {result.adapter_dir}")
 
 
-STAGE_LINES = {"extract": _extract_line, "pack": _pack_line, "train": _train_line, "merge": _merge_line}
+def _prepare_line(prepared, project) -> str:
+    skipped = "".join(f"\nskipped {item['input']}: {item['reason']}" for item in prepared.skipped)
+    return f"Prepared {prepared.clips} clips ({prepared.sources_done} sources processed, {prepared.transcribed} transcribed){skipped}"
+
+
+STAGE_LINES = {"prepare": _prepare_line, "extract": _extract_line, "pack": _pack_line, "train": _train_line, "merge": _merge_line}
 
 
 def show_status(project: Project, write: bool) -> None:
+    from fs_pipeline import pipeline
+    from fs_pipeline.stages import merge
+
     rows = pipeline.status(project)
     click.echo(f"Project {project.name} ({project.dir}):")
     click.echo(f"  {'stage':<11} {'state':<36} {'completed':<26} seconds")
@@ -307,6 +336,8 @@ def show_status(project: Project, write: bool) -> None:
 
 
 def format_checkpoints(project: Project) -> str:
+    from fs_pipeline import checkpoints
+
     folder = project.dir / "checkpoints"
     infos = checkpoints.list_checkpoints(folder)
     damaged = checkpoints.unreadable(folder)

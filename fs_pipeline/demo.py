@@ -29,10 +29,10 @@ from fs_pipeline.tiny_model import write_tiny_model
 @click.option("--steps", default=30, show_default=True, help="Training steps.")
 @device_options
 @user_errors
-def main(workdir: Path, model_version: str, steps: int, device: str | None, force_mps: bool) -> None:
+def main(workdir: Path, model_version: str, steps: int, device: str | None, force_mps: bool, precision: str) -> None:
     """Run fs-pipeline end to end on the built-in sample with a generated tiny model."""
     setup_logging()
-    choice = select_device(device, force_mps)
+    choice = select_device(device, force_mps, precision)
 
     model_path = workdir / "checkpoints" / f"tiny-{model_version}"
     if not (model_path / "model.pth").is_file():
