@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shlex
 import shutil
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from fs_pipeline import PipelineError, checkpoints
+from fs_pipeline.device import DeviceChoice
 from fs_pipeline.lora import LoraSettings
 from fs_pipeline.manifest import Manifest
 from fs_pipeline.modeling import forward
@@ -357,3 +359,57 @@ def test_training_on_packed_rows(project, tiny_model_dir, cpu):
 def test_max_length_beyond_the_model_is_refused(project, tiny_model_dir, cpu):
     with pytest.raises(PipelineError, match="exceeds the model's max_seq_len 2048"):
         train.run(train.TrainSettings(max_steps=1, max_length=4096), tiny_model_dir, cpu, project)
+
+
+class _OverflowingGradient(torch.autograd.Function):
+    """The identity, with an infinite gradient: an fp16 overflow in backward while the loss stays finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def overflow_at_training_step(monkeypatch, step: int) -> None:
+    calls = {"n": 0}
+
+    def forward_overflowing(model, inputs, labels, frames, *args):
+        result = forward(model, inputs, labels, frames, *args)
+        calls["n"] += model.training  # training steps only, not validation
+        if model.training and calls["n"] == step:
+            result.token_loss_sum = _OverflowingGradient.apply(result.token_loss_sum)
+        return result
+
+    monkeypatch.setattr(train, "forward", forward_overflowing)
+
+
+def test_fp16_overflow_skips_its_step_and_resume_restores_the_gradient_scaler(project, packed_data, tiny_model_dir, tmp_path,
+                                                                               monkeypatch):
+    fp16 = DeviceChoice(torch.device("cpu"), torch.float16, "test")  # the logic of CUDA's fp16 path, on the CPU
+    settings = dict(checkpoint_every=1, keep_checkpoints=10, **FAST)
+    saved = lambda project, step: checkpoints.load(project.dir / "checkpoints" / checkpoints.checkpoint_name(step))  # noqa: E731
+
+    overflow_at_training_step(monkeypatch, 2)
+    train.run(train.TrainSettings(max_steps=4, **settings), tiny_model_dir, fp16, project)
+    rows = [json.loads(line) for line in open(project.dir / "logs" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert not math.isfinite(rows[1]["grad_norm"])
+    step_1, step_2, step_3 = (saved(project, s) for s in (1, 2, 3))
+    # the overflowing step changed no weight and halved the scale; the next one trained again
+    assert all(torch.equal(step_2["lora"][k], v) for k, v in step_1["lora"].items())
+    assert any(not torch.equal(step_3["lora"][k], v) for k, v in step_2["lora"].items())
+    assert step_2["grad_scaler"]["scale"] == step_1["grad_scaler"]["scale"] / 2
+
+    resumed = Project("resumed", root=tmp_path / "results")
+    shutil.copytree(packed_data[1].data_dir, resumed.data_dir)
+    overflow_at_training_step(monkeypatch, 2)
+    train.run(train.TrainSettings(max_steps=2, **settings), tiny_model_dir, fp16, resumed)
+    overflow_at_training_step(monkeypatch, 0)  # none after the resume: the overflow was at step 2
+    train.run(train.TrainSettings(max_steps=4, resume_from=checkpoints.latest(resumed.dir / "checkpoints").path, **settings),
+              tiny_model_dir, fp16, resumed)
+    assert losses(resumed) == losses(project)
+    # the halved scale carried over, not a fresh scaler's
+    assert saved(resumed, 4)["grad_scaler"] == saved(project, 4)["grad_scaler"] != torch.amp.GradScaler("cpu").state_dict()
