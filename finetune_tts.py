@@ -48,6 +48,8 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--learning-rate", default=1e-4, show_default=True)
 @click.option("--gradient-accumulation-steps", default=1, show_default=True)
 @click.option("--lora-config", default="r_8_alpha_16", show_default=True, help="LoRA rank and alpha as r_RANK_alpha_ALPHA, e.g. r_8_alpha_16, r_4_alpha_8, r_16_alpha_32.")
+@click.option("--lora-targets", type=click.Choice(["all", "slow", "fast"]), default="all", show_default=True,
+              help="Which transformer gets adapters: the slow one (text and each frame's first code), the fast one (the other codes), or both.")
 @click.option("--warmup-steps", default=10, show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, ~30% slower.")
@@ -227,6 +229,7 @@ def train_settings(flags) -> train.TrainSettings:
     return train.TrainSettings(
         max_steps=flags["max_steps"], batch_size=flags["batch_size"], learning_rate=flags["learning_rate"],
         gradient_accumulation_steps=flags["gradient_accumulation_steps"], lora_config=flags["lora_config"],
+        lora_targets=flags["lora_targets"],
         warmup_steps=flags["warmup_steps"], lr_schedule=flags["lr_schedule"], gradient_checkpointing=flags["gradient_checkpointing"],
         compile=flags["compile_blocks"], max_length=flags["max_length"], pack_utterances=flags["pack_utterances"],
         checkpoint_every=flags["checkpoint_every"], val_every=flags["val_every"], keep_checkpoints=flags["keep_checkpoints"],

@@ -187,6 +187,11 @@ def check_compatible(payload: dict, source: Path, base_identity: str, version: s
     if lora_config is None:
         return
     theirs = payload["lora_config"]
+    if theirs.get("targets", "all") != lora_config.get("targets", "all"):
+        raise PipelineError(
+            f"{source} has adapters on the {theirs.get('targets', 'all')} transformer(s), this run puts them on "
+            f"{lora_config.get('targets', 'all')}: pass --lora-targets {theirs.get('targets', 'all')}"
+        )
     if (theirs["r"], theirs["alpha"]) != (lora_config["r"], lora_config["alpha"]):
         raise PipelineError(
             f"{source} has LoRA rank {theirs['r']} / alpha {theirs['alpha']}, this run uses rank {lora_config['r']} / alpha "

@@ -20,6 +20,9 @@ from torch import nn
 from fs_pipeline import PipelineError
 
 LORA_CONFIG_NAMES = ("r_8_alpha_16", "r_4_alpha_8", "r_16_alpha_32")
+# Which transformer gets adapters: the slow one (text and the first codebook of each frame, with the token
+# and codebook embeddings it reads and its output head), the fast one (the other codebooks), or both.
+LORA_TARGETS = ("all", "slow", "fast")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0  # fish-speech's recipe uses 0.01; none saves a full-size mask per adapted layer per step
+    targets: str = "all"  # one of LORA_TARGETS
 
     @classmethod
     def from_name(cls, name: str) -> "LoraSettings":
@@ -60,20 +64,28 @@ def _embedding(old: nn.Embedding, lora: LoraSettings) -> loralib.Embedding:
     return new
 
 
-def adapted_layers(model) -> list[tuple[nn.Module, str]]:
-    """(parent module, attribute) of every layer that gets an adapter."""
-    layers = [(model, "codebook_embeddings"), (model, "fast_embeddings"), (model, "fast_output")]
+def target_layers(model, targets: str = "all") -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute) of every layer that gets an adapter for `targets` (see LORA_TARGETS)."""
+    if targets not in LORA_TARGETS:
+        raise PipelineError(f"unknown --lora-targets '{targets}': use one of {', '.join(LORA_TARGETS)}")
+    slow, fast = [(model, "codebook_embeddings")], [(model, "fast_embeddings"), (model, "fast_output")]
     if not model.config.tie_word_embeddings:
-        layers += [(model, "embeddings"), (model, "output")]
-    for block in [*model.layers, *model.fast_layers]:
-        layers += [(block.attention, "wqkv"), (block.attention, "wo")]
-        layers += [(block.feed_forward, name) for name in ("w1", "w2", "w3")]
-    return layers
+        slow += [(model, "embeddings"), (model, "output")]
+    for layers, blocks in ((slow, model.layers), (fast, model.fast_layers)):
+        for block in blocks:
+            layers += [(block.attention, "wqkv"), (block.attention, "wo")]
+            layers += [(block.feed_forward, name) for name in ("w1", "w2", "w3")]
+    return {"all": slow + fast, "slow": slow, "fast": fast}[targets]
+
+
+def adapted_layers(model) -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute) of every layer that has an adapter now."""
+    return [(parent, name) for parent, name in target_layers(model) if isinstance(getattr(parent, name), loralib.LoRALayer)]
 
 
 def add_lora(model, lora: LoraSettings) -> None:
-    """Wrap the layers in LoRA adapters, keeping their weights, and make only the adapters trainable."""
-    for parent, name in adapted_layers(model):
+    """Wrap the target layers in LoRA adapters, keeping their weights, and make only the adapters trainable."""
+    for parent, name in target_layers(model, lora.targets):
         old = getattr(parent, name)
         setattr(parent, name, _embedding(old, lora) if isinstance(old, nn.Embedding) else _linear(old, lora))
     loralib.mark_only_lora_as_trainable(model, bias="none")

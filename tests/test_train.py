@@ -216,6 +216,21 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(pro
     assert all(torch.isfinite(v).all() for v in checkpoints.load(saved[0])["lora"].values())
 
 
+@pytest.mark.parametrize("targets", ["slow", "fast"])
+def test_lora_targets_put_adapters_on_one_transformer_and_merge(targets, project, tiny_model_dir, cpu, tmp_path):
+    from fs_pipeline.stages import merge
+
+    train.run(train.TrainSettings(max_steps=2, checkpoint_every=2, lora_targets=targets, **FAST), tiny_model_dir, cpu, project)
+    path = checkpoints.latest(project.dir / "checkpoints").path
+    keys = checkpoints.load(path)["lora"].keys()
+    fast = [k for k in keys if k.startswith("fast_")]
+    assert keys and (fast == list(keys) if targets == "fast" else not fast)
+    merged = merge.run(merge.MergeSettings(checkpoint=path, output_root=tmp_path / "models"), tiny_model_dir, cpu, project)
+    assert json.loads((merged.merged_dir / "manifest.json").read_text())["merge_check"]["passed"]
+    with pytest.raises(PipelineError, match=f"has adapters on the {targets} transformer\\(s\\), this run puts them on all: pass --lora-targets {targets}"):
+        train.run(train.TrainSettings(max_steps=2, warm_start_from=path, **FAST), tiny_model_dir, cpu, Project("other", root=tmp_path))
+
+
 def test_bad_settings(project, tiny_model_dir, cpu):
     with pytest.raises(PipelineError, match="unknown --lora-config 'r_x'"):
         train.run(train.TrainSettings(lora_config="r_x"), tiny_model_dir, cpu, project)

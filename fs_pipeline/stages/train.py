@@ -21,7 +21,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from fs_pipeline import PipelineError, checkpoints
 from fs_pipeline.device import DeviceChoice
-from fs_pipeline.lora import LoraSettings, add_lora, load_lora_state, lora_state_dict, prepare_for_training
+from fs_pipeline.lora import LORA_TARGETS, LoraSettings, add_lora, load_lora_state, lora_state_dict, prepare_for_training
 from fs_pipeline.modeling import IGNORE, forward, frame_index, target_counts
 from fs_pipeline.fileio import file_hash, write_text_atomic
 from fs_pipeline.models import ModelDir, build_llm, load_llm_weights, model_identity
@@ -47,6 +47,7 @@ class TrainSettings:
     learning_rate: float = 1e-4
     gradient_accumulation_steps: int = 1
     lora_config: str = "r_8_alpha_16"
+    lora_targets: str = "all"  # which transformer gets adapters: all, slow or fast
     warmup_steps: int = 10
     lr_schedule: str = "constant"  # or "cosine"
     max_grad_norm: float = 1.0
@@ -67,7 +68,7 @@ class TrainSettings:
 
 # What decides which examples a run sees and how its weights move: a resumed run must have the same values.
 # The rest may change between a run and its resume (max_steps is the total to train to).
-RUN_SETTINGS = ("batch_size", "learning_rate", "gradient_accumulation_steps", "lora_config", "warmup_steps", "lr_schedule",
+RUN_SETTINGS = ("batch_size", "learning_rate", "gradient_accumulation_steps", "lora_config", "lora_targets", "warmup_steps", "lr_schedule",
                 "max_grad_norm", "max_length", "pack_utterances", "seed")
 
 
@@ -108,6 +109,8 @@ def check(settings: TrainSettings, model_dir: ModelDir | None = None) -> None:
     if settings.lr_schedule not in ("constant", "cosine"):
         raise PipelineError(f"unknown --lr-schedule '{settings.lr_schedule}': use constant or cosine")
     LoraSettings.from_name(settings.lora_config)
+    if settings.lora_targets not in LORA_TARGETS:
+        raise PipelineError(f"unknown --lora-targets '{settings.lora_targets}': use one of {', '.join(LORA_TARGETS)}")
     if settings.max_length is not None and settings.max_length < 1:
         raise PipelineError(f"--max-length must be at least 1 (got {settings.max_length})")
     if model_dir is not None and settings.max_length and settings.max_length > model_dir.config["max_seq_len"]:
@@ -139,7 +142,7 @@ def starting_point(settings: TrainSettings, ckpt_dir: Path, identity: dict | Non
 
 def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, project: Project) -> TrainResult:
     check(settings, model_dir)
-    lora = LoraSettings.from_name(settings.lora_config)
+    lora = replace(LoraSettings.from_name(settings.lora_config), targets=settings.lora_targets)
     ckpt_dir = project.dir / "checkpoints"
     max_length = settings.max_length or model_dir.config["max_seq_len"]
     identity = run_identity(settings, model_dir, project)
