@@ -1,6 +1,7 @@
 """The full pipeline through finetune_tts.py: orchestration, status, report, crash safety and faults."""
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -58,7 +59,9 @@ def test_force_stage_and_slices(workspace):
     forced = cli(*flags, "--full-pipeline", "--force-stage", "train")
     assert forced.exit_code == 0, forced.output
     assert "Ran: train, merge, synthesize" in forced.output
-    assert list((root / "results" / "p").glob("checkpoints.old-*"))
+    aside = list((root / "results" / "p").glob("checkpoints.old-*"))
+    assert len(aside) == 1 and {p.name for p in aside[0].iterdir()} == {"checkpoints", "metrics.jsonl", "tensorboard"}
+    assert logged_steps(root) == (list(range(1, 13)), list(range(1, 13)))  # the new run's alone
     assert all(torch.equal(first[k], v) for k, v in merged_weights(root).items())  # same settings, same result
 
     sliced = cli(*flags, "--full-pipeline", "--from-stage", "merge", "--to-stage", "merge", "--force-stage", "merge")
@@ -176,8 +179,20 @@ def test_kill_9_mid_training_then_rerun_equals_a_clean_run(workspace, tmp_path_f
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    killed_at = len(metrics.read_text().splitlines())
     finish(root, flags)
     assert_same_model(expected, root)
+    assert killed_at > 4 and logged_steps(root) == (list(range(1, 13)), list(range(1, 13)))  # steps 5.. logged once
+
+
+def logged_steps(root) -> tuple[list[int], list[int]]:
+    """The steps in metrics.jsonl, and those TensorBoard shows for the loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = root / "results" / "p" / "logs"
+    board = EventAccumulator(str(logs / "tensorboard"))
+    board.Reload()
+    return [json.loads(line)["step"] for line in open(logs / "metrics.jsonl")], [event.step for event in board.Scalars("loss")]
 
 
 @pytest.mark.slow
