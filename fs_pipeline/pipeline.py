@@ -141,9 +141,7 @@ def _run_stages(settings, model_dir, choice, project, first, last, forced_from) 
             if did_work or manifest.state("prepare") != DONE:
                 manifest.complete("prepare", outputs=manifest.hash_outputs([summary]), clips=prepared.clips)
         elif stage == "extract":
-            if forced:
-                manifest.update("extract", clips={})
-            result.details[stage] = extract.run(settings.extract, model_dir, choice, manifest)
+            result.details[stage] = extract.run(settings.extract, model_dir, choice, manifest, force=forced)
             did_work = result.details[stage].extracted > 0
         elif stage == "pack":
             if forced:

@@ -150,3 +150,10 @@ def test_listing_checkpoints_loads_none(workspace, monkeypatch):
     monkeypatch.setattr(checkpoints, "load", no_load)
     listing = cli("--project", "p", "--list-checkpoints")
     assert listing.exit_code == 0 and "Latest: step_000000012.ckpt (step 12)" in listing.output
+
+
+def test_forcing_extract_encodes_every_clip_again(workspace):
+    _, flags = workspace
+    assert cli(*flags, "--extract-tokens").exit_code == 0
+    forced = cli(*flags, "--full-pipeline", "--to-stage", "extract", "--force-stage", "extract")
+    assert forced.exit_code == 0 and "Extracted 6 clips" in forced.output

@@ -56,15 +56,18 @@ def check(settings: ExtractSettings) -> None:
         raise PipelineError(f"--num-workers-extract must be 0 or more (got {settings.num_workers})")
 
 
-def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, manifest: Manifest, codec=None) -> ExtractResult:
-    """Extract what is stale. `codec` is the loaded codec where the caller holds one; else it is loaded when needed."""
+def run(settings: ExtractSettings, model_dir: ModelDir, choice: DeviceChoice, manifest: Manifest, codec=None,
+        force: bool = False) -> ExtractResult:
+    """Extract what is stale, or with `force` every clip. `codec` is the loaded codec where the caller holds
+    one; else it is loaded when needed."""
     check(settings)
     clips = list_clips(settings.data_dir)
     with project_lock(settings.data_dir, "extract"):  # projects on one dataset share its codes
-        return _run(settings, clips, model_dir, choice, manifest, codec)
+        return _run(settings, clips, model_dir, choice, manifest, codec, force)
 
 
-def _run(settings: ExtractSettings, clips: list[Clip], model_dir: ModelDir, choice: DeviceChoice, manifest: Manifest, codec) -> ExtractResult:
+def _run(settings: ExtractSettings, clips: list[Clip], model_dir: ModelDir, choice: DeviceChoice, manifest: Manifest, codec,
+         force: bool) -> ExtractResult:
     started = time.perf_counter()
     shared = Manifest(Path(settings.data_dir) / CODES_RECORD)
     codec_id = codec_identity(model_dir, shared.hash)
@@ -73,7 +76,7 @@ def _run(settings: ExtractSettings, clips: list[Clip], model_dir: ModelDir, choi
     todo = []
     for clip in clips:
         record = shared_records.get(clip.key)
-        if _is_done(clip, record, codec_id, shared):
+        if not force and _is_done(clip, record, codec_id, shared):
             records[clip.key] = record
         else:
             todo.append(clip)
