@@ -193,7 +193,7 @@ def project_of(flags) -> Project:
 def existing_project(flags) -> Project:
     project = project_of(flags)
     if not project.dir.is_dir():
-        known = sorted(p.name for p in project.root.glob("*/manifest.json") for p in [p.parent]) if project.root.is_dir() else []
+        known = sorted(manifest.parent.name for manifest in project.root.glob("*/manifest.json"))
         raise PipelineError(
             f"no project '{project.name}' in {project.root}/: check the name (projects there: {', '.join(known) or 'none'})"
         )
