@@ -1,13 +1,14 @@
-"""Turn recordings into a speaker dataset (clips + transcripts). Run with --help."""
+"""Turn recordings into a speaker dataset (clips + transcripts). Run with --help.
+
+torch and the audio stack are imported inside main(), so that --help and a wrong flag answer at once.
+"""
 
 from pathlib import Path
 
 import click
 
 from fs_pipeline.cli import device_options, prepare_options, prepare_settings, setup_logging, user_errors
-from fs_pipeline.device import select_device
-from fs_pipeline.models import DEFAULT_MODEL_VERSION, MODEL_VERSIONS, get_version
-from fs_pipeline.stages import prepare
+from fs_pipeline.versions import DEFAULT_MODEL_VERSION, MODEL_VERSIONS, get_version
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -20,7 +21,7 @@ from fs_pipeline.stages import prepare
               help="Clips are written at this model's codec sample rate.")
 @device_options
 @user_errors
-def main(inputs, output, speaker, model_version, device, force_mps, **flags) -> None:
+def main(inputs, output, speaker, model_version, device, force_mps, precision, **flags) -> None:
     """Prepare a training dataset: OUTPUT/SPEAKER/*.wav + *.lab + dataset_summary.json.
 
     \b
@@ -29,12 +30,23 @@ def main(inputs, output, speaker, model_version, device, force_mps, **flags) -> 
       python prepare_dataset.py --input "https://www.youtube.com/watch?v=..." --output training_data/bob --speaker bob \\
           --split-long --segment-duration 8 --max-duration 20 --auto-transcribe
     """
+    from fs_pipeline.device import select_device
+    from fs_pipeline.stages import prepare
+
     setup_logging()
     settings = prepare_settings(flags, tuple(inputs), output, speaker, get_version(model_version).sample_rate)
-    result = prepare.run(settings, select_device(device, force_mps))
+    result = prepare.run(settings, select_device(device, force_mps, precision))
     for item in result.skipped:
         click.secho(f"skipped {item['input']}: {item['reason']}", fg="yellow")
-    if result.sources_done == 0 and result.transcribed == 0:
+    for item in result.removed:
+        click.echo(f"removed {len(item['clips'])} clips of {item['input']}: no longer an input (--keep-removed-sources keeps them)")
+    if result.cuts_inside_speech or result.targets_missed:
+        click.echo(f"{result.cuts_inside_speech} cuts inside speech without a pause (at the quietest point), {result.targets_missed} clips "
+                   "off the --segment-duration target: both listed in the summary")
+    if result.untranscribed:
+        click.secho(f"warning: {len(result.untranscribed)} clips have no transcript: training needs a .lab beside each clip; write them, "
+                    "or rerun with --auto-transcribe (only those clips are transcribed)", fg="yellow")
+    if result.sources_done == 0 and result.transcribed == 0 and not result.removed:
         click.echo(f"Nothing to do: {result.clips} clips in {output} are up to date")
     else:
         click.echo(

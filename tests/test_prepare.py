@@ -1,3 +1,4 @@
+import fcntl
 import functools
 import http.server
 import json
@@ -43,15 +44,24 @@ def clips_of(output: Path) -> list[Path]:
     return sorted(output.glob("*/*.wav"))
 
 
-def test_plan_cuts_only_in_pauses_and_respects_limits():
+def test_plan_cuts_in_pauses_else_at_the_quietest_point_and_respects_limits():
     speech = [(0.5, 3.0), (3.6, 6.0), (6.4, 9.5), (10.5, 12.0), (12.3, 20.0), (21.0, 45.0)]
-    plans = segmentation.plan_clips(speech, total=46.0, target=6.0, min_clip=2.0, max_clip=12.0)
-    for plan in plans:
-        assert 2.0 <= plan.duration <= 12.0
-        if not plan.forced:
+    gaps = [24.9, 26.0, 30.2, 31.5, 35.1, 40.0, 44.0]  # short gaps between words, too short for the VAD to report
+    times = (np.arange(4600) + 0.5) * segmentation.ENVELOPE_HOP
+    level = np.full(len(times), -60.0)
+    for start, end in speech:
+        level[(times >= start) & (times < end)] = -20.0
+    for gap in gaps:
+        level[np.abs(times - gap) < 0.03] = -45.0
+    plan = segmentation.plan_clips(speech, segmentation.Envelope(level, 46.0), target=6.0, min_clip=2.0, max_clip=12.0)
+    for clip in plan.clips:
+        assert 2.0 <= clip.duration <= 12.0
+        if clip.quiet_db is None:
             for start, end in speech:
-                assert not start < plan.end < end, f"cut at {plan.end} inside speech {start}-{end}"
-    assert [p.forced for p in plans].count(True) >= 2  # 24 s without a pause needs forced cuts
+                assert not start < clip.end < end, f"cut at {clip.end} inside speech {start}-{end}"
+        else:  # inside the 24 s without a pause: at a gap between words, within the target window
+            assert min(abs(clip.end - gap) for gap in gaps) < 0.02 and 3.0 <= clip.duration <= 9.0
+    assert [c.quiet_db is not None for c in plan.clips].count(True) >= 2
 
 
 def test_split_long_cuts_at_pauses_and_transcripts_match(long_speech, tiny_en_model, tmp_path, cpu):
@@ -67,12 +77,17 @@ def test_split_long_cuts_at_pauses_and_transcripts_match(long_speech, tiny_en_mo
         assert info.samplerate == 44100 and 2.0 <= info.duration <= 12.0
     records = json.loads((out / prepare.STATE_FILE).read_text())["sources"]
     (record,) = records.values()
+    spoken_all, heard_all = [], []
     for clip in record["clips"]:
         for start, end in long_speech.spans:  # no cut inside a sentence
             assert not start + 0.05 < clip["start"] < end - 0.05 and not start + 0.05 < clip["end"] < end - 0.05
         spoken = " ".join(s for s, (a, b) in zip(SENTENCES, long_speech.spans) if clip["start"] <= (a + b) / 2 <= clip["end"])
         transcript = (out / clip["path"]).with_suffix(".lab").read_text()
-        assert word_error_rate(spoken, transcript) < 0.35, (spoken, transcript)
+        # tiny.en mishears a word or three of espeak's ("closes at nine" -> "closing at high"); another clip's text scores near 1
+        assert word_error_rate(spoken, transcript) < 0.6, (spoken, transcript)
+        spoken_all.append(spoken)
+        heard_all.append(transcript)
+    assert word_error_rate(" ".join(spoken_all), " ".join(heard_all)) < 0.2
     assert summary["total_files"] == len(clips)
     assert abs(summary["total_duration_minutes"] - sum(sf.info(c).duration for c in clips) / 60) < 1e-3
     assert summary["speakers"]["alice"]["files"] == len(clips)
@@ -84,7 +99,8 @@ def test_rerun_does_nothing(long_speech, tiny_en_model, tmp_path, cpu):
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.*")}
     again = prepare.run(settings, cpu)
     assert (again.sources_done, again.transcribed) == (0, 0)
-    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.*") if p.name not in ("dataset_summary.json", prepare.STATE_FILE)}
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.*")
+             if p.name not in ("dataset_summary.json", prepare.STATE_FILE, ".lock")}  # the lock file stays, holding no line
     assert all(before[p] == t for p, t in after.items())
 
 
@@ -161,7 +177,7 @@ def test_interrupted_run_recovers_to_the_same_result(long_speech, tmp_path, cpu,
         prepare.run(settings_for([raw], broken, auto_transcribe=True), cpu)
     monkeypatch.setattr(prepare, "write_wav", real_write)
     prepare.run(settings_for([raw], broken, auto_transcribe=True), cpu)
-    assert not (broken / ".lock").exists()
+    assert (broken / ".lock").read_text() == ""  # no run holds it
     files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.glob("*/*") if p.suffix in (".wav", ".lab")}
     assert files(broken) == files(clean) and len(files(clean)) >= 6
 
@@ -184,29 +200,45 @@ def test_errors_are_one_line(tmp_path, cpu, tiny_en_model):
 def test_a_second_run_on_the_same_output_is_refused_and_a_stale_lock_is_taken_over(long_speech, tmp_path, cpu):
     out = tmp_path / "data"
     out.mkdir()
-    (out / ".lock").write_text(str(os.getpid()))  # a live process holds it
-    with pytest.raises(PipelineError, match=r"another prepare run \(pid \d+\) is using"):
-        prepare.run(settings_for([long_speech.path], out, split_long=False, max_clip_duration=60.0), cpu)
-    (out / ".lock").write_text("999999999")  # no such process
+    with open(out / ".lock", "w") as held:  # another run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(f"{os.getpid()} prepare\n")
+        held.flush()
+        with pytest.raises(PipelineError, match=r"another prepare run \(pid \d+\) is using"):
+            prepare.run(settings_for([long_speech.path], out, split_long=False, max_clip_duration=60.0), cpu)
+    (out / ".lock").write_text("999999999 prepare\n")  # the line of a run that was killed
     with pytest.raises(PipelineError, match="no clips were produced"):  # no transcripts: but the lock was taken over
         prepare.run(settings_for([long_speech.path], out, split_long=False, max_clip_duration=60.0), cpu)
-    assert not (out / ".lock").exists()
+    assert (out / ".lock").read_text() == ""
 
 
-def test_openai_whisper_loads_a_local_checkpoint(tmp_path, cpu):
-    """A tiny random openai-whisper model exercises the real loading and decoding path offline."""
+def test_openai_whisper_loads_a_local_checkpoint_and_decodes_as_whisper_does(tmp_path, cpu):
+    """A tiny random openai-whisper model exercises the real loading and decoding path offline. Its decoder is
+    scripted (its positional embeddings point at the token to come: a timestamp, " hello", end-of-text), since
+    random text fails Whisper's quality checks and is sampled again at rising temperatures, where a random
+    model can mask every token."""
     import torch
     import whisper
     from whisper.model import ModelDimensions
+    from whisper.tokenizer import get_tokenizer
 
     dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=1,
                            n_vocab=51864, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=1)
     torch.manual_seed(0)
     model = whisper.model.Whisper(dims)
+    tokenizer = get_tokenizer(multilingual=False)
+    with torch.no_grad():
+        embeddings = model.decoder.token_embedding.weight
+        for position, token in enumerate([tokenizer.timestamp_begin, *tokenizer.encode(" hello"), tokenizer.eot]):
+            model.decoder.positional_embedding[position] = 1000 * embeddings[token] / embeddings[token].norm()
     torch.save({"dims": dims.__dict__, "model_state_dict": model.state_dict()}, tmp_path / "tiny-random.pt")
-    transcriber = Transcriber("openai-whisper", str(tmp_path / "tiny-random.pt"), cpu, language="en")
-    text = transcriber.transcribe(np.zeros(16000, dtype=np.float32), 16000)
-    assert isinstance(text, str)
+    for beam, expected in ((5, 5), (1, None)):  # None: greedy
+        transcriber = Transcriber("openai-whisper", str(tmp_path / "tiny-random.pt"), cpu, language="en", beam_size=beam)
+        calls, real = [], transcriber.model.transcribe
+        transcriber.model.transcribe = lambda audio, **kwargs: calls.append(kwargs) or real(audio, **kwargs)
+        assert transcriber.transcribe(np.zeros(16000, dtype=np.float32), 16000) == "hello"
+        assert calls[0]["beam_size"] == expected and calls[0]["temperature"] == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+        assert calls[0]["compression_ratio_threshold"] == 2.4 and calls[0]["logprob_threshold"] == -1.0
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
