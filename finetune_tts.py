@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -60,16 +61,21 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
                    "little padding and many tokens per step, fast on large GPUs (lower --batch-size: each row is long).")
 @click.option("--checkpoint-every", default=100, show_default=True)
 @click.option("--val-every", type=int, default=None, help="Validate every N steps [default: --checkpoint-every].")
-@click.option("--keep-checkpoints", default=5, show_default=True, help="Keep the newest N checkpoints, plus the best by validation loss.")
+@click.option("--keep-checkpoints", default=5, show_default=True,
+              help="Keep the newest N checkpoints, plus the best by validation loss (and, with --test-clips, by each --best-by score).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the data order and adapter initialisation.")
 @click.option("--resume-latest", is_flag=True, help="Continue exactly from the project's latest checkpoint.")
 @click.option("--resume-from-checkpoint", type=click.Path(path_type=Path), help="Continue exactly from this checkpoint file.")
 @click.option("--checkpoint-path", type=click.Path(path_type=Path),
               help="Warm start: take the adapters of this checkpoint (or the latest in this folder), with a fresh optimizer at step 0.")
 @click.option("--test-clips", is_flag=True,
-              help="At each checkpoint, speak three fixed sentences, keep the clips, and store their WER (ASR by Whisper).")
+              help="Before training (the base model) and at each checkpoint, speak three fixed sentences, keep the clips, and store "
+                   "their WER (ASR by Whisper) and their voice's similarity to the training speaker's.")
 @click.option("--test-clips-whisper-model", default="base", show_default=True, help="Whisper size or local path that scores the test clips.")
-@click.option("--list-checkpoints", is_flag=True, help="List the project's checkpoints with their step, size, validation loss and WER.")
+@click.option("--list-checkpoints", is_flag=True,
+              help="List the project's checkpoints with their step, size, validation loss and test-clip scores.")
+@click.option("--review", is_flag=True,
+              help="List the clips the dataset QA flagged (results/PROJECT/data/qa.json), with their transcripts and why, to fix before training.")
 # merge
 @click.option("--merge-weights", is_flag=True,
               help="Fold a checkpoint's adapters into the base: checkpoints/PROJECT-merged/ (self-contained) and checkpoints/PROJECT-lora/.")
@@ -78,8 +84,9 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--merge-scale", type=float, default=1.0, show_default=True,
               help="Adapter strength for --merge-weights: W + S·(B·A·alpha/r). 0.5 is half-way between the base and the fine-tuned "
                    "voice; above 0, at most 2.")
-@click.option("--best-by", type=click.Choice(["val_loss", "wer"]), default="val_loss", show_default=True,
-              help="What 'best checkpoint' means for merging: validation loss, or test-clip WER (needs --test-clips).")
+@click.option("--best-by", type=click.Choice(["val_loss", "wer", "similarity", "combined"]), default="val_loss", show_default=True,
+              help="What 'best checkpoint' means for merging: the lowest validation loss; with --test-clips, the lowest WER, the "
+                   "highest voice similarity to the training speaker, or the highest combined score (similarity - WER).")
 # the whole pipeline
 @click.option("--full-pipeline", is_flag=True,
               help="prepare (if --data-dir holds raw audio) -> extract -> pack -> train -> merge -> test clip, each only when needed.")
@@ -101,6 +108,8 @@ def main(**flags) -> None:
       python finetune_tts.py --check-model --pretrained-ckpt-path checkpoints/openaudio-s1-mini
     Extract codes and pack the data (reruns skip clips whose audio and codec are unchanged):
       python finetune_tts.py --project P --data-dir training_data/NAME --extract-tokens
+    List the clips its QA flagged (another voice, a transcript that may not match ...), to fix before training:
+      python finetune_tts.py --project P --review
     Train, list checkpoints, resume:
       python finetune_tts.py --project P --data-dir training_data/NAME --train --max-steps 1000
       python finetune_tts.py --project P --list-checkpoints
@@ -112,8 +121,8 @@ def main(**flags) -> None:
       python finetune_tts.py --project P --status
     """
     setup_logging()
-    actions = [flags[a] for a in ("check_model", "extract_tokens", "do_train", "list_checkpoints", "merge_weights", "full_pipeline",
-                                  "prepare_data", "status")]
+    actions = [flags[a] for a in ("check_model", "extract_tokens", "do_train", "list_checkpoints", "review", "merge_weights",
+                                  "full_pipeline", "prepare_data", "status")]
     if not any(actions):
         raise click.UsageError("nothing to do: pass --full-pipeline, or one stage (--extract-tokens, --train, --merge-weights ...) or --status")
     if flags["resume_latest"] and flags["resume_from_checkpoint"]:
@@ -121,9 +130,11 @@ def main(**flags) -> None:
     project = Project(flags["project"]) if flags["project"] else None
     recalled = recall(project, flags) if project is not None else []
 
-    if flags["list_checkpoints"] or flags["status"]:
+    if flags["list_checkpoints"] or flags["review"] or flags["status"]:
         if flags["list_checkpoints"]:
             click.echo(format_checkpoints(project_of(flags)))
+        if flags["review"]:
+            click.echo(format_review(existing_project(flags)))
         if flags["status"]:
             show_status(existing_project(flags), flags["report"])
         if not any(flags[a] for a in ("check_model", "extract_tokens", "do_train", "merge_weights", "full_pipeline", "prepare_data")):
@@ -135,6 +146,8 @@ def main(**flags) -> None:
     stages = requested_stages(flags)
     if recalled:
         click.echo(f"Project {project.name} remembers: {' '.join(recalled)} (pass a flag to override it)")
+    if stages:
+        project_of(flags)
     if stages and {"prepare", "extract", "pack"} & set(stage_slice(*stages)):
         data_dir_of(flags)
     choice = select_device(flags["device"], flags["force_mps"], flags["precision"])
@@ -313,8 +326,14 @@ def _merge_line(result: merge.MergeResult, project) -> str:
 
 
 def _prepare_line(prepared, project) -> str:
-    skipped = "".join(f"\nskipped {item['input']}: {item['reason']}" for item in prepared.skipped)
-    return f"Prepared {prepared.clips} clips ({prepared.sources_done} sources processed, {prepared.transcribed} transcribed){skipped}"
+    lines = [f"Prepared {prepared.clips} clips ({prepared.sources_done} sources processed, {prepared.transcribed} transcribed)"]
+    lines += [f"skipped {item['input']}: {item['reason']}" for item in prepared.skipped]
+    lines += [f"removed {len(item['clips'])} clips of {item['input']}: no longer an input (--keep-removed-sources keeps them)"
+              for item in prepared.removed]
+    if prepared.untranscribed:
+        lines.append(f"warning: {len(prepared.untranscribed)} clips have no transcript: training needs a .lab beside each clip; "
+                     "write them, or rerun with --auto-transcribe (only those clips are transcribed)")
+    return "\n".join(lines)
 
 
 STAGE_LINES = {"prepare": _prepare_line, "extract": _extract_line, "pack": _pack_line, "train": _train_line, "merge": _merge_line}
@@ -349,17 +368,46 @@ def format_checkpoints(project: Project) -> str:
         lines.append(f"No checkpoints in {folder} yet: train with --train.")
     else:
         lines.append(f"Checkpoints in {folder}:")
+        if (base := checkpoints.base_scores(folder)) is not None:
+            lines.append(f"  base model, before training:{_clip_scores(base.get('wer'), base.get('similarity'))}")
         for info in infos:
             val = f"{info.val_loss:.4f}" if info.val_loss is not None else "-"
-            wer = f"  wer {info.wer:.3f}" if info.wer is not None else ""
-            lines.append(f"  {info.path.name}  {info.size_mb:8.1f} MB  {info.created_at}  step {info.step:>7}  val_loss {val}{wer}")
+            lines.append(f"  {info.path.name}  {info.size_mb:8.1f} MB  {info.created_at}  step {info.step:>7}  val_loss {val}"
+                         f"{_clip_scores(info.wer, info.similarity)}")
         newest = infos[-1]
         lines.append(f"Latest: {newest.path.name} (step {newest.step})")
         top = checkpoints.best(folder)
         lines.append(f"Best:   {top.path.name} (val_loss {top.val_loss:.4f})" if top else "Best:   - (no validation loss recorded)")
-        if (top_wer := checkpoints.best(folder, "wer")) is not None:
-            lines.append(f"Best by WER: {top_wer.path.name} (wer {top_wer.wer:.3f})")
+        for by, label in (("wer", "WER"), ("similarity", "similarity"), ("combined", "combined (similarity - WER)")):
+            if (top := checkpoints.best(folder, by)) is not None:
+                lines.append(f"Best by {label}: {top.path.name} ({by} {getattr(top, by):.3f})")
     lines += [f"Unreadable (damaged or not ours): {path.name}" for path in damaged]
+    return "\n".join(lines)
+
+
+def _clip_scores(wer: float | None, similarity: float | None) -> str:
+    scores = f"  wer {wer:.3f}" if wer is not None else ""
+    return scores + (f"  similarity {similarity:.3f}" if similarity is not None else "")
+
+
+def format_review(project: Project) -> str:
+    """The clips the dataset QA flagged, each with its files, transcript and reasons, from qa.json."""
+    import json
+
+    from fs_pipeline.qa import clip_files, flagged_clips
+
+    path = project.data_dir / "qa.json"
+    if not path.is_file():
+        raise PipelineError(f"no QA report in {project.data_dir}: run --extract-tokens first (packing writes it)")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    flagged = flagged_clips(report)
+    if not flagged:
+        return f"No clip flagged in {path}: nothing to review."
+    lines = [f"{len(flagged)} clip(s) flagged in {path}; listen to each, then fix its .lab or delete the clip with its .lab, and rerun:"]
+    for clip in flagged:
+        audio, transcript = (os.path.normpath(project.data_dir / name) for name in clip_files(report, clip["key"]))
+        text = Path(transcript).read_text(encoding="utf-8").strip() if Path(transcript).is_file() else "(missing)"
+        lines += ["", f"{audio}", f"  transcript ({transcript}): {text}"] + [f"  why: {flag}" for flag in clip["flags"]]
     return "\n".join(lines)
 
 

@@ -4,6 +4,12 @@ import re
 import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
+from urllib.parse import quote
+
+import numpy as np
+
+from fs_pipeline.dataset import TRANSCRIPT_SUFFIX
 
 SPEED_OUTLIER = 2.5  # chars/s this many times above (or below 1/this of) the median suggests a wrong transcript
 CLIPPED_LIMIT = 0.001  # fraction of samples at full scale
@@ -16,6 +22,13 @@ SMALL_DATASET_MINUTES = 10.0
 MIN_VAL_UTTERANCES = 5
 MIN_VAL_SECONDS = 30.0
 FAR_ABOVE_FRACTION = 2.0  # a speaker's validation share above this many times --val-fraction is reported
+# A clip whose speaker embedding (fs_pipeline/audio/speaker.py) has a cosine similarity below this to the reference
+# of its speaker's other clips holds another voice. Measured with Resemblyzer's encoder on LibriSpeech test-other (10
+# readers, 10 utterances each, 7.7 s on average): against the reader's own other clips, 0.82 or more (cut to 2-3 s,
+# 1-2% fell below 0.75, the lowest at 0.748); against another reader's clips, at most 0.75 (1 in 900 above it; cut
+# to 2-3 s, at most 0.74). espeak-ng: en-us clips 0.85 or more against en-us, en+f3 clips at most 0.74 against it.
+VOICE_OUTLIER = 0.75
+MIN_VOICE_CLIPS = 3  # with fewer, the "other clips" of a speaker are too few to say which voice is the odd one
 
 
 @dataclass
@@ -27,6 +40,7 @@ class ClipQA:
     tokens: int
     clipped: float | None
     rms_db: float | None
+    voice_similarity: float | None = None  # to the speaker's other clips (voice_similarities); None below MIN_VOICE_CLIPS
     flags: list[str] = field(default_factory=list)
 
     @property
@@ -56,6 +70,9 @@ def check(clips: list[ClipQA], texts: dict[str, str], max_tokens: int) -> dict:
             clip.flags.append(f"clipping: {clip.clipped:.2%} of samples at full scale")
         if clip.tokens > max_tokens:
             clip.flags.append(f"{clip.tokens} tokens exceed the model's max length {max_tokens}: it would be truncated")
+        if clip.voice_similarity is not None and clip.voice_similarity < VOICE_OUTLIER:
+            clip.flags.append(f"voice similarity {clip.voice_similarity:.2f} to the speaker's other clips, below {VOICE_OUTLIER}: "
+                              "another person may be speaking; listen, and delete the clip (with its .lab) if so")
 
     speakers = {}
     for speaker, members in sorted(by_speaker.items()):
@@ -89,6 +106,28 @@ def check(clips: list[ClipQA], texts: dict[str, str], max_tokens: int) -> dict:
         "clips": [asdict(c) | {"chars_per_second": round(c.chars_per_second, 2)} for c in clips],
         "warnings": warnings,
     }
+
+
+def voice_similarities(embeddings: list[np.ndarray]) -> list[float | None]:
+    """Each clip's cosine similarity to the mean embedding of its speaker's other clips (all of one speaker).
+    Two passes: the second mean leaves out the clips that the first puts below VOICE_OUTLIER, so that a second
+    voice does not pull the reference towards itself (with 5 clips of another reader among 10 of one, 90% of them
+    are then flagged, against 74% in one pass; LibriSpeech test-other). None for all below MIN_VOICE_CLIPS."""
+    if len(embeddings) < MIN_VOICE_CLIPS:
+        return [None] * len(embeddings)
+    units = np.stack([e / max(float(np.linalg.norm(e)), 1e-12) for e in embeddings])
+    first = _to_the_others(units, np.ones(len(units), dtype=bool))
+    kept = first >= VOICE_OUTLIER
+    second = _to_the_others(units, kept) if kept.sum() >= MIN_VOICE_CLIPS - 1 else first
+    return [round(float(x), 4) for x in second]
+
+
+def _to_the_others(units: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Cosine of each row with the sum of the kept rows other than itself."""
+    total = units[kept].sum(axis=0)
+    others = total - units * kept[:, None]
+    norms = np.maximum(np.linalg.norm(others, axis=1), 1e-12)
+    return (units * others).sum(axis=1) / norms
 
 
 def split_warnings(split: dict) -> list[str]:
@@ -166,4 +205,26 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {s['clips']} | {s['val_clips']} | {s['val_seconds']:.1f} | {s['val_share']:.1%} | {held} |")
     lines += ["", "## Warnings", ""]
     lines += [f"- {w}" for w in report["warnings"]] or ["None."]
+    flagged = flagged_clips(report)
+    if flagged:
+        lines += ["", "## Clips to review", "",
+                  "Listen to each clip, then correct its transcript or delete the clip with its .lab; the next command that packs "
+                  "checks them again (`finetune_tts.py --project P --review` lists them too).", "",
+                  "| clip | transcript | why |", "| --- | --- | --- |"]
+        for clip in flagged:
+            audio, transcript = clip_files(report, clip["key"])
+            why = "; ".join(clip["flags"]).replace("|", "\\|")
+            lines.append(f"| [{clip['key']}]({quote(audio)}) | [{PurePosixPath(transcript).name}]({quote(transcript)}) | {why} |")
     return "\n".join(lines) + "\n"
+
+
+def flagged_clips(report: dict) -> list[dict]:
+    """The report's clips that carry at least one flag, in dataset order."""
+    return [clip for clip in report["clips"] if clip["flags"]]
+
+
+def clip_files(report: dict, key: str) -> tuple[str, str]:
+    """A clip's audio and transcript, relative to the folder of qa.json and qa.md (report["dataset"] is the
+    dataset's path from there)."""
+    audio = PurePosixPath(report["dataset"]) / key
+    return audio.as_posix(), audio.with_suffix(TRANSCRIPT_SUFFIX).as_posix()

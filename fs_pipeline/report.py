@@ -23,6 +23,10 @@ def _plot(path: Path, draw) -> Path:
     return path
 
 
+def _score(value: float | None, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if value is not None else "-"
+
+
 def write_report(project: Project, manifest_path: Path, merged_dir: Path | None, test_clip: Path | None) -> Path:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"stages": {}}
     metrics_file = project.dir / "logs" / "metrics.jsonl"
@@ -69,15 +73,22 @@ def write_report(project: Project, manifest_path: Path, merged_dir: Path | None,
                   f"{qa['total']['tokens']} tokens.", "", "![minutes per speaker](plots/speaker_minutes.png)", "", "QA warnings:", ""]
         lines += [f"- {w}" for w in qa["warnings"]] or ["- none"]
 
-    infos = checkpoints.list_checkpoints(project.dir / "checkpoints")
+    folder = project.dir / "checkpoints"
+    infos = checkpoints.list_checkpoints(folder)
     if infos:
-        best = checkpoints.best(project.dir / "checkpoints")
-        lines += ["", "## Checkpoints", "", "| checkpoint | step | validation loss | WER |", "| --- | --- | --- | --- |"]
+        best = {by: checkpoints.best(folder, by, infos) for by in checkpoints.BEST_BY}
+        lines += ["", "## Checkpoints", "", "Test clips are scored by word error rate (WER, lower is better), by their voice's similarity to "
+                  "the training speaker's (cosine of speaker embeddings, higher is better) and by both combined (similarity - WER); "
+                  "the base model's own clips are the reference.", "",
+                  "| checkpoint | step | validation loss | WER | similarity | combined | best by |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        if (base := checkpoints.base_scores(folder)) is not None:
+            wer, similarity = base.get("wer"), base.get("similarity")
+            lines.append(f"| base model, before training | 0 | - | {_score(wer)} | {_score(similarity)} | "
+                         f"{_score(checkpoints.combined(wer, similarity))} | |")
         for info in infos:
-            mark = " (best)" if best and info.path == best.path else ""
-            val = f"{info.val_loss:.4f}" if info.val_loss is not None else "-"
-            wer = f"{info.wer:.2f}" if info.wer is not None else "-"
-            lines.append(f"| {info.path.name}{mark} | {info.step} | {val} | {wer} |")
+            tops = ", ".join(by for by, top in best.items() if top is not None and top.path == info.path)
+            lines.append(f"| {info.path.name} | {info.step} | {_score(info.val_loss, 4)} | {_score(info.wer)} | {_score(info.similarity)} | "
+                         f"{_score(info.combined)} | {tops} |")
 
     if merged_dir:
         lines += ["", "## Model", "", f"Merged model: `{merged_dir}`", "", "Synthesize with it:", "", "```",

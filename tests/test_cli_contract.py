@@ -1,8 +1,10 @@
-"""cli_tts.py's command-line contract (issue 18), each item tried with the real command on the tiny model:
-what it refuses before any work, what it writes, and what it says."""
+"""The command-line contract of the three scripts (issue 18), each item tried with the real command on the tiny
+model: what they refuse before any work, what they write, and what they say."""
 
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -13,7 +15,7 @@ import soundfile as sf
 
 from fs_pipeline import PipelineError
 from fs_pipeline.audio import io
-from tests.conftest import REPO
+from tests.conftest import REPO, cli
 
 TEXT = "Hello there."
 LINES = ["First line.", "Second line.", "Third line."]
@@ -202,3 +204,115 @@ def test_play_without_a_sound_device_is_one_note_and_the_file_stays(spoken):
     assert "note: --play: ffplay could not play speech.mp3 (ALSA lib pcm.c:2666:(snd_pcm_open_noupdate) Unknown PCM default); " \
            "the file is written" in done.stderr
     assert (work / "speech.mp3").is_file()
+
+
+# finetune_tts.py and all three scripts (issue 18)
+
+
+def test_resume_latest_on_a_fresh_project_is_refused_before_work(workspace):
+    root, flags = workspace
+    result = cli(*flags, "--full-pipeline", "--resume-latest")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == "error: --resume-latest: no checkpoint in results/p/checkpoints yet: run without it to start training"
+    assert not (root / "results").exists()
+
+
+def test_force_stage_outside_the_slice_is_refused(workspace):
+    root, flags = workspace
+    result = cli(*flags, "--full-pipeline", "--force-stage", "merge", "--to-stage", "pack")
+    assert result.exit_code == 1 and "error: --force-stage merge is outside the stages this command runs (prepare to pack)" in result.output
+    assert not (root / "results").exists()
+
+
+def test_status_of_a_mistyped_project_is_an_error(workspace):
+    result = cli("--project", "voice1", "--status")
+    assert result.exit_code == 1 and result.output.strip() == "error: no project 'voice1' in results/: check the name (projects there: none)"
+
+
+def test_a_missing_data_dir_writes_nothing(workspace):
+    root, flags = workspace
+    result = cli(*[f if f != "training_data/voice" else "training_data/vioce" for f in flags], "--full-pipeline")
+    assert result.exit_code == 1 and "error: input not found: training_data/vioce: pass an existing file or folder" in result.output
+    assert not (root / "results").exists()
+
+
+def test_a_stage_that_does_not_apply_is_not_called_up_to_date(workspace):
+    _, flags = workspace
+    result = cli(*flags, "--full-pipeline", "--to-stage", "pack")
+    assert result.exit_code == 0 and "Ran: extract, pack; up to date: -" in result.output
+
+
+def test_a_model_path_that_is_adapters_or_a_file_says_what_it_is(workspace, tiny_model_path):
+    root, _ = workspace
+    adapters = root / "checkpoints" / "p-lora"
+    adapters.mkdir(parents=True)
+    (adapters / "adapter_config.json").write_text("{}")
+    result = cli("--check-model", "--pretrained-ckpt-path", str(adapters))
+    assert result.exit_code == 1 and f"error: {adapters} holds LoRA adapters, not a model: pass them with --lora" in result.output
+    result = cli("--check-model", "--pretrained-ckpt-path", str(tiny_model_path / "model.pth"))
+    assert result.exit_code == 1 and "is a file, not a model directory" in result.output
+
+
+def test_printed_commands_are_shell_quoted(workspace):
+    root, flags = workspace
+    shutil.move(root / "training_data" / "voice", root / "training_data" / "my voice")
+    spaced = ["my voice" if f == "p" else "training_data/my voice" if f == "training_data/voice" else f for f in flags]
+    result = cli(*spaced, "--full-pipeline", "--to-stage", "merge")
+    assert result.exit_code == 0, result.output
+    printed = next(line for line in result.output.splitlines() if line.startswith("Try it: "))
+    assert shlex.split(printed.removeprefix("Try it: "))[-3] == "checkpoints/my voice-merged"
+
+
+def test_validation_taking_most_of_a_tiny_speaker_is_a_warning(workspace):
+    root, flags = workspace
+    for wav in sorted((root / "training_data" / "voice" / "sample_speaker").glob("*.wav"))[2:]:
+        wav.unlink()
+        wav.with_suffix(".lab").unlink()
+    result = cli(*flags, "--extract-tokens")
+    assert result.exit_code == 0, result.output
+    assert "QA warning: " in result.output and "validation" in result.output.split("QA warning: ", 1)[1]
+
+
+def test_worker_defaults_respect_the_machine(workspace):
+    _, flags = workspace
+    from fs_pipeline.dataset import DECODE_WORKERS
+
+    assert 1 <= DECODE_WORKERS <= (os.cpu_count() or 1)
+    defaults = [f for i, f in enumerate(flags) if f != "--num-workers-extract" and flags[i - 1] != "--num-workers-extract"]
+    done = subprocess.run([sys.executable, str(REPO / "finetune_tts.py"), *defaults, "--extract-tokens"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "suggested max number of worker" not in done.stderr
+
+
+def test_the_tiny_model_is_not_labelled_with_a_release_licence(tiny_model_path):
+    result = cli("--check-model", "--pretrained-ckpt-path", str(tiny_model_path), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "weights licence: none (random weights generated by fs-pipeline's tiny_model" in result.output
+    assert "CC-BY-NC-SA" not in result.output
+
+
+def test_the_tiny_model_script_takes_h():
+    done = subprocess.run([sys.executable, "-m", "fs_pipeline.tiny_model", "-h"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and "--output" in done.stdout
+
+
+def test_prepare_reports_each_skipped_input_once(tmp_path):
+    (tmp_path / "in").mkdir()
+    said = "Hello there, this is a test of a clip that is long enough to keep."
+    subprocess.run(["espeak-ng", "-w", str(tmp_path / "in" / "good.wav"), said], check=True)
+    (tmp_path / "in" / "good.lab").write_text(said)
+    (tmp_path / "in" / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    done = subprocess.run([sys.executable, str(REPO / "prepare_dataset.py"), "--input", "in", "--output", "out", "--speaker", "me",
+                           "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sum("broken.wav" in line for line in (done.stdout + done.stderr).splitlines()) == 1
+
+
+@pytest.mark.parametrize("script", ["finetune_tts.py", "prepare_dataset.py"])
+def test_help_and_argument_errors_import_no_heavy_module(script):
+    probe = ("import runpy, sys; sys.argv = [sys.argv[1], *sys.argv[2:]]\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('HEAVY', sorted(m for m in ('torch', 'scipy', 'fish_speech') if m in sys.modules))")
+    for args in (["--help"], ["--no-such-flag"]):
+        done = subprocess.run([sys.executable, "-c", probe, str(REPO / script), *args], cwd=REPO, capture_output=True, text=True)
+        assert "HEAVY []" in done.stdout, (args, done.stdout[-500:], done.stderr[-500:])

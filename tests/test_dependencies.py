@@ -19,6 +19,8 @@ MODULES = [
     "google.protobuf",
     "loralib",
     "safetensors.torch",
+    "resemblyzer",
+    "webrtcvad",
 ]
 
 

@@ -93,7 +93,7 @@ def test_default_checkpoint_is_the_best_and_manifest_says_so(merged):
     manifest = json.loads((result.merged_dir / "manifest.json").read_text())
     assert manifest["base_model"]["license"].startswith("none (random weights")  # the tiny kit's model card, copied with the model
     assert (result.merged_dir / "README.md").read_text() == (Path(manifest["base_model"]["path"]) / "README.md").read_text()
-    assert manifest["lora_config"] == {"r": 8, "alpha": 16, "dropout": 0.0}
+    assert manifest["lora_config"] == {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "all"}
     assert manifest["scale"] == 1.0 and manifest["inputs"]["scale"] == 1.0
     check = manifest["merge_check"]
     assert check["passed"] is True and check["max_logit_diff"] <= check["tolerance"]
@@ -329,6 +329,24 @@ def test_half_scale_merges_half_of_each_adapter(merged, cpu):
     gap = (logits["full merge"] - logits["base"]).abs().max()
     assert (logits["half merge"] - logits["base"]).abs().max() < gap and (logits["half merge"] - logits["full merge"]).abs().max() < gap
     assert torch.equal(logits["export"], merge.probe_logits(adapted_model(base, result.checkpoint), inputs, labels))  # the adapters as trained
+
+
+@pytest.mark.parametrize("best_by, step", [("val_loss", 1), ("wer", 2), ("similarity", 3), ("combined", 2)])
+def test_best_by_chooses_what_merge_folds(best_by, step, tmp_path):
+    project = Project("scored", root=tmp_path)
+    # combined = similarity - WER: 0.40, 0.70, 0.55
+    for at, (val, wer, similarity) in {1: (1.0, 0.3, 0.70), 2: (1.2, 0.1, 0.80), 3: (1.1, 0.4, 0.95)}.items():
+        checkpoints.save(project.dir / "checkpoints", {"step": at, "metrics": {"val_loss": val, "wer": wer, "similarity": similarity}})
+    assert merge.choose_checkpoint(project, merge.MergeSettings(best_by=best_by)).name == checkpoints.checkpoint_name(step)
+
+
+def test_best_by_choices_are_the_same_everywhere():
+    from tests.conftest import load_script
+
+    option = next(p for p in load_script("finetune_tts").main.params if p.name == "best_by")
+    assert list(option.type.choices) == list(checkpoints.BEST_BY)
+    with pytest.raises(PipelineError, match=r"^unknown --best-by 'loss': use one of val_loss, wer, similarity, combined$"):
+        merge.check(merge.MergeSettings(best_by="loss"))
 
 
 def test_missing_checkpoint_step(trained, cpu, tmp_path):

