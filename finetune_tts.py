@@ -6,6 +6,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
@@ -16,6 +17,9 @@ from fs_pipeline.dataset import DECODE_WORKERS
 from fs_pipeline.manifest import STAGES, Manifest, stage_slice
 from fs_pipeline.project import Project
 from fs_pipeline.versions import DEFAULT_MODEL_VERSION, MODEL_VERSIONS
+
+if TYPE_CHECKING:
+    from fs_pipeline.stages import extract, merge, pack, train
 
 # torch, the model code and the stages are imported where they are used, so that --help and a wrong flag
 # answer at once.

@@ -26,7 +26,6 @@ scores for the base model's own test clips (base_clips/): the reference a fine-t
 """
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass

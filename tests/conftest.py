@@ -1,7 +1,11 @@
 """Shared fixtures: the tiny model kit and the built-in sample, built once per test session."""
 
+import functools
+import http.server
 import importlib.util
 import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,6 +43,22 @@ def cpu():
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory, tiny_model_dir) -> Path:
     return write_sample_dataset(tmp_path_factory.mktemp("data") / "sample", tiny_model_dir.version.sample_rate)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def serve_folder(root: Path):
+    """A local HTTP server for `root` (standing in for a remote host); yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
 
 
 def load_script(name: str):

@@ -1,10 +1,7 @@
 import fcntl
-import functools
-import http.server
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +11,11 @@ import soundfile as sf
 from fs_pipeline import PipelineError
 from fs_pipeline.audio import segmentation
 from fs_pipeline.audio.asr import Transcriber
-from fs_pipeline.audio.io import read_wav
-from fs_pipeline.stages import prepare
 from fs_pipeline.audio.asr import word_error_rate
+from fs_pipeline.audio.io import read_wav
 from fs_pipeline.speech import SENTENCES, speak_long
+from fs_pipeline.stages import prepare
+from tests.conftest import serve_folder
 
 
 @pytest.fixture(scope="session")
@@ -241,21 +239,13 @@ def test_openai_whisper_loads_a_local_checkpoint_and_decodes_as_whisper_does(tmp
         assert calls[0]["compression_ratio_threshold"] == 2.4 and calls[0]["logprob_threshold"] == -1.0
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def media_server(long_speech, tmp_path):
     root = tmp_path / "www"
     root.mkdir()
     shutil.copy(long_speech.path, root / "talk.wav")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve_folder(root) as url:
+        yield url
 
 
 def test_download_from_a_url_then_rerun_does_not_download_again(media_server, tiny_en_model, tmp_path, cpu):

@@ -1,10 +1,7 @@
 """Prepare, issue 17: clean cuts in speech without pauses, Whisper's decoding defaults, a dataset that mirrors
 the request, and clips cut now and transcribed later. Speech is espeak-ng's; ASR is real where words matter."""
 
-import functools
-import http.server
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from fs_pipeline.audio.io import read_wav
 from fs_pipeline.sample import speak
 from fs_pipeline.speech import SENTENCES, speak_long
 from fs_pipeline.stages import prepare
-from tests.conftest import load_script
+from tests.conftest import load_script, serve_folder
 
 RATE = 22050
 NOISE = 0.002  # white noise at about -54 dBFS: a quiet room, so that no gap is digital silence
@@ -189,21 +186,14 @@ def test_a_new_source_never_takes_the_clip_names_of_a_recorded_one(takes, tmp_pa
     assert labs == {"take-2_0000.lab": "b.wav", "take-3_0000.lab": "c.wav"}
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def two_talks(takes, tmp_path):
     root = tmp_path / "www"
     root.mkdir()
     for name in ("a", "b"):
         (root / f"talk-{name}.wav").write_bytes((takes / f"{name}.wav").read_bytes())
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield [f"http://127.0.0.1:{server.server_address[1]}/talk-{name}.wav" for name in ("a", "b")]
-    server.shutdown()
+    with serve_folder(root) as url:
+        yield [f"{url}/talk-{name}.wav" for name in ("a", "b")]
 
 
 def test_a_download_no_longer_asked_for_leaves_the_dataset(two_talks, tmp_path, cpu):

@@ -131,14 +131,14 @@ def held_out(clips: list[Clip], seconds: dict[str, float], fraction: float, seed
     for clip in clips:
         by_speaker[clip.speaker].append(clip.key)
     speakers, val = {}, []
-    for speaker, keys in sorted(by_speaker.items()):
+    for speaker_name, keys in sorted(by_speaker.items()):
         keys.sort()  # the order clips come in changes nothing, not even a float sum's last bit
         recordings = _source_recordings(keys)
         total = sum(seconds[k] for k in keys)
-        held = _speaker_held_out(recordings, seconds, fraction, total, random.Random(f"{seed}:{speaker}")) if fraction else {}
+        held = _speaker_held_out(recordings, seconds, fraction, total, random.Random(f"{seed}:{speaker_name}")) if fraction else {}
         speaker_val = [k for part in held.values() for k in part]
         val_seconds = sum(seconds[k] for k in speaker_val)
-        speakers[speaker] = {
+        speakers[speaker_name] = {
             "clips": len(keys),
             "seconds": round(total, 3),
             "recordings": len(recordings),
