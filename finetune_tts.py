@@ -12,7 +12,7 @@ import click
 from click.core import ParameterSource
 
 from fs_pipeline import PipelineError
-from fs_pipeline.cli import device_options, model_summary, prepare_options, prepare_settings, setup_logging, user_errors
+from fs_pipeline.cli import device_options, model_summary, prepare_notes, prepare_options, prepare_settings, setup_logging, user_errors
 from fs_pipeline.dataset import DECODE_WORKERS
 from fs_pipeline.manifest import STAGES, Manifest, stage_slice
 from fs_pipeline.project import Project
@@ -330,14 +330,8 @@ def _merge_line(result: merge.MergeResult, project) -> str:
 
 
 def _prepare_line(prepared, project) -> str:
-    lines = [f"Prepared {prepared.clips} clips ({prepared.sources_done} sources processed, {prepared.transcribed} transcribed)"]
-    lines += [f"skipped {item['input']}: {item['reason']}" for item in prepared.skipped]
-    lines += [f"removed {len(item['clips'])} clips of {item['input']}: no longer an input (--keep-removed-sources keeps them)"
-              for item in prepared.removed]
-    if prepared.untranscribed:
-        lines.append(f"warning: {len(prepared.untranscribed)} clips have no transcript: training needs a .lab beside each clip; "
-                     "write them, or rerun with --auto-transcribe (only those clips are transcribed)")
-    return "\n".join(lines)
+    counts = f"Prepared {prepared.clips} clips ({prepared.sources_done} sources processed, {prepared.transcribed} transcribed)"
+    return "\n".join([counts, *prepare_notes(prepared)])
 
 
 STAGE_LINES = {"prepare": _prepare_line, "extract": _extract_line, "pack": _pack_line, "train": _train_line, "merge": _merge_line}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from fs_pipeline.cli import device_options, prepare_options, prepare_settings, setup_logging, user_errors
+from fs_pipeline.cli import device_options, prepare_notes, prepare_options, prepare_settings, setup_logging, user_errors
 from fs_pipeline.versions import DEFAULT_MODEL_VERSION, MODEL_VERSIONS, get_version
 
 
@@ -36,16 +36,8 @@ def main(inputs, output, speaker, model_version, device, force_mps, precision, *
     setup_logging()
     settings = prepare_settings(flags, tuple(inputs), output, speaker, get_version(model_version).sample_rate)
     result = prepare.run(settings, select_device(device, force_mps, precision))
-    for item in result.skipped:
-        click.secho(f"skipped {item['input']}: {item['reason']}", fg="yellow")
-    for item in result.removed:
-        click.echo(f"removed {len(item['clips'])} clips of {item['input']}: no longer an input (--keep-removed-sources keeps them)")
-    if result.cuts_inside_speech or result.targets_missed:
-        click.echo(f"{result.cuts_inside_speech} cuts inside speech without a pause (at the quietest point), {result.targets_missed} clips "
-                   "off the --segment-duration target: both listed in the summary")
-    if result.untranscribed:
-        click.secho(f"warning: {len(result.untranscribed)} clips have no transcript: training needs a .lab beside each clip; write them, "
-                    "or rerun with --auto-transcribe (only those clips are transcribed)", fg="yellow")
+    for note in prepare_notes(result):
+        click.secho(note, fg="yellow" if note.startswith(("skipped", "warning")) else None)
     if result.sources_done == 0 and result.transcribed == 0 and not result.removed:
         click.echo(f"Nothing to do: {result.clips} clips in {output} are up to date")
     else:

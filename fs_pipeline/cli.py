@@ -93,6 +93,21 @@ def prepare_options(fn):
     return fn
 
 
+def prepare_notes(result) -> list[str]:
+    """What a prepare run tells the user beyond its counts: skipped inputs, removed sources, forced cuts and
+    clips left without transcripts (prepare_dataset.py and finetune_tts.py print the same lines)."""
+    notes = [f"skipped {item['input']}: {item['reason']}" for item in result.skipped]
+    notes += [f"removed {len(item['clips'])} clips of {item['input']}: no longer an input (--keep-removed-sources keeps them)"
+              for item in result.removed]
+    if result.cuts_inside_speech or result.targets_missed:
+        notes.append(f"{result.cuts_inside_speech} cuts inside speech without a pause (at the quietest point), {result.targets_missed} "
+                     "clips off the --segment-duration target: both listed in the summary")
+    if result.untranscribed:
+        notes.append(f"warning: {len(result.untranscribed)} clips have no transcript: training needs a .lab beside each clip; "
+                     "write them, or rerun with --auto-transcribe (only those clips are transcribed)")
+    return notes
+
+
 def prepare_settings(flags: dict, inputs: tuple[str, ...], output, speaker: str, sample_rate: int):
     from fs_pipeline.stages.prepare import PrepareSettings
 

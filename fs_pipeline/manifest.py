@@ -22,16 +22,15 @@ from loguru import logger
 
 from fs_pipeline.fileio import file_hash, write_json_atomic
 
-
 STAGES = ("prepare", "extract", "pack", "train", "merge", "synthesize")
 # Each stage is made from the outputs of the one before it.
 UPSTREAM = {"extract": "prepare", "pack": "extract", "train": "pack", "merge": "train", "synthesize": "merge"}
+DONE, NOT_RUN, INCOMPLETE = "done", "not run", "incomplete (rerun to continue)"
+
+
 def stage_slice(first: str, last: str) -> tuple[str, ...]:
     """The stages from `first` to `last`, in order."""
     return STAGES[STAGES.index(first) : STAGES.index(last) + 1]
-
-
-DONE, NOT_RUN, INCOMPLETE = "done", "not run", "incomplete (rerun to continue)"
 
 
 def settings_record(settings) -> dict:
