@@ -14,9 +14,10 @@ from click.core import ParameterSource
 from fs_pipeline import PipelineError
 from fs_pipeline.cli import device_options, model_summary, prepare_notes, prepare_options, prepare_settings, setup_logging, user_errors
 from fs_pipeline.dataset import DECODE_WORKERS
+from fs_pipeline.download import default_folder, needs_download
 from fs_pipeline.manifest import STAGES, Manifest, stage_slice
 from fs_pipeline.project import Project
-from fs_pipeline.versions import DEFAULT_MODEL_VERSION, MODEL_VERSIONS
+from fs_pipeline.versions import DEFAULT_MODEL_VERSION, MODEL_VERSIONS, get_version
 
 if TYPE_CHECKING:
     from fs_pipeline.stages import extract, merge, pack, train
@@ -36,6 +37,12 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--model-version", type=click.Choice(sorted(MODEL_VERSIONS)), default=DEFAULT_MODEL_VERSION, show_default=True,
               help="Which Fish Speech generation the base model is.")
 @click.option("--check-model", is_flag=True, help="Validate and load the base model, print what was found, and exit.")
+@click.option("--download-model", is_flag=True,
+              help="Download the --model-version's release from the Hugging Face Hub into --pretrained-ckpt-path "
+                   "[default: checkpoints/<release>], resuming an interrupted download, then check it as --check-model does.")
+@click.option("--revision", default=None, help="With --download-model: the branch, tag or commit to download [default: the latest].")
+@click.option("--accept-license", is_flag=True,
+              help="Accept the weights' licence, which the first download of a model version shows (remembered per version).")
 # extract + pack
 @click.option("--extract-tokens", is_flag=True,
               help="Encode every clip to semantic codes (<clip>.npy), then pack train/val data and the QA report into results/PROJECT/data/.")
@@ -108,7 +115,8 @@ def main(**flags) -> None:
     """Fine-tune a Fish Speech voice model with LoRA, in restartable stages.
 
     \b
-    Check a downloaded base model:
+    Download the base model (openaudio-s1-mini, from the Hugging Face Hub) and check it:
+      python finetune_tts.py --download-model
       python finetune_tts.py --check-model --pretrained-ckpt-path checkpoints/openaudio-s1-mini
     Extract codes and pack the data (reruns skip clips whose audio and codec are unchanged):
       python finetune_tts.py --project P --data-dir training_data/NAME --extract-tokens
@@ -125,12 +133,14 @@ def main(**flags) -> None:
       python finetune_tts.py --project P --status
     """
     setup_logging()
-    actions = [flags[a] for a in ("check_model", "extract_tokens", "do_train", "list_checkpoints", "review", "merge_weights",
-                                  "full_pipeline", "prepare_data", "status")]
+    actions = [flags[a] for a in ("check_model", "download_model", "extract_tokens", "do_train", "list_checkpoints", "review",
+                                  "merge_weights", "full_pipeline", "prepare_data", "status")]
     if not any(actions):
         raise click.UsageError("nothing to do: pass --full-pipeline, or one stage (--extract-tokens, --train, --merge-weights ...) or --status")
     if flags["resume_latest"] and flags["resume_from_checkpoint"]:
         raise PipelineError("--resume-latest and --resume-from-checkpoint both given: pass one of them")
+    if flags["revision"] and not flags["download_model"]:
+        raise click.UsageError("--revision picks what --download-model downloads: add --download-model")
     project = Project(flags["project"]) if flags["project"] else None
     recalled = recall(project, flags) if project is not None else []
 
@@ -141,11 +151,9 @@ def main(**flags) -> None:
             click.echo(format_review(existing_project(flags)))
         if flags["status"]:
             show_status(existing_project(flags), flags["report"])
-        if not any(flags[a] for a in ("check_model", "extract_tokens", "do_train", "merge_weights", "full_pipeline", "prepare_data")):
+        if not any(flags[a] for a in ("check_model", "download_model", "extract_tokens", "do_train", "merge_weights", "full_pipeline",
+                                      "prepare_data")):
             return
-
-    from fs_pipeline.device import select_device
-    from fs_pipeline.models import load_codec, load_llm, open_model_dir
 
     stages = requested_stages(flags)
     if recalled:
@@ -154,10 +162,22 @@ def main(**flags) -> None:
         project_of(flags)
     if stages and {"prepare", "extract", "pack"} & set(stage_slice(*stages)):
         data_dir_of(flags)
+    if flags["download_model"]:
+        flags["pretrained_ckpt_path"] = download_target(flags)
+        download_base_model(flags)
+    elif stages and needs_download(flags["pretrained_ckpt_path"], flags["model_version"]):
+        offer_download(flags)
+
+    from fs_pipeline.device import select_device
+    from fs_pipeline.models import load_codec, load_llm, open_model_dir
+
     choice = select_device(flags["device"], flags["force_mps"], flags["precision"])
     model_dir = open_model_dir(flags["pretrained_ckpt_path"], flags["model_version"])
-    if flags["check_model"]:
+    if flags["check_model"] or flags["download_model"]:
         click.echo(model_summary(model_dir, load_llm(model_dir, choice), load_codec(model_dir, choice), choice))
+    if flags["download_model"] and not stages:
+        click.echo(f"Base model ready: {model_dir.path}\nNext, fine-tune a voice on it:\n"
+                   f"  python finetune_tts.py --project P --data-dir raw_audio/ --full-pipeline{base_model_flags(flags)}")
     if stages:
         run_pipeline(project_of(flags), model_dir, choice, flags, stages)
 
@@ -180,6 +200,66 @@ def recall(project: Project, flags: dict) -> list[str]:
             flags[flag] = value
             recalled.append(f"--{flag.replace('_', '-')}" + ("" if value is True else f" {quote(value)}"))
     return recalled
+
+
+def download_target(flags) -> Path:
+    """--pretrained-ckpt-path, or where the version's release goes when it is not given."""
+    given = click.get_current_context().get_parameter_source("pretrained_ckpt_path") != ParameterSource.DEFAULT
+    return flags["pretrained_ckpt_path"] if given or flags["pretrained_ckpt_path"] != DEFAULT_BASE_MODEL else \
+        default_folder(flags["model_version"])
+
+
+def base_model_flags(flags) -> str:
+    """The flags that name this base model to a later command (none where the defaults name it)."""
+    text = f" --model-version {quote(flags['model_version'])}" if flags["model_version"] != DEFAULT_MODEL_VERSION else ""
+    if Path(flags["pretrained_ckpt_path"]) != DEFAULT_BASE_MODEL:
+        text += f" --pretrained-ckpt-path {quote(flags['pretrained_ckpt_path'])}"
+    return text
+
+
+def download_command(flags) -> str:
+    command = "python finetune_tts.py --download-model"
+    if flags["model_version"] != DEFAULT_MODEL_VERSION:
+        command += f" --model-version {quote(flags['model_version'])}"
+    if Path(flags["pretrained_ckpt_path"]) != default_folder(flags["model_version"]):
+        command += f" --pretrained-ckpt-path {quote(flags['pretrained_ckpt_path'])}"
+    return command
+
+
+def download_base_model(flags) -> None:
+    """--download-model: the licence (shown and accepted once per version), then the download."""
+    from fs_pipeline.download import DownloadSettings, accept_license, download, license_accepted, license_lines
+
+    version = get_version(flags["model_version"])
+    if not license_accepted(version):
+        click.echo("\n".join(license_lines(version)))
+        if not flags["accept_license"]:
+            raise PipelineError(f"the licence of the {version.name} weights is not accepted yet: read it above, then rerun "
+                                "with --accept-license to accept it")
+        click.echo(f"Licence accepted (remembered in {accept_license(version)})")
+    result = download(DownloadSettings(version.name, flags["pretrained_ckpt_path"], flags["revision"]))
+    fetched = f"{result.fetched_bytes / 1e6:,.1f} MB downloaded" if result.fetched_bytes else "nothing new to download"
+    click.echo(f"{result.repo} at commit {result.commit}: {len(result.files)} files in {result.path} ({fetched})")
+
+
+def offer_download(flags) -> None:
+    """A stage needs the base model and there is none: on a terminal, offer to download it; elsewhere say how."""
+    from fs_pipeline.download import license_accepted, license_lines
+
+    stages = requested_stages(flags)
+    if {"prepare", "extract", "pack"} & set(stage_slice(*stages)) and not Path(flags["data_dir"]).exists():
+        # before gigabytes are fetched for a run that would stop at its first stage
+        raise PipelineError(f"dataset not found: {flags['data_dir']}: pass --data-dir a folder of recordings or a prepared dataset")
+    target, version = flags["pretrained_ckpt_path"], get_version(flags["model_version"])
+    stop = f"no base model at {target}: download it with `{download_command(flags)}`, then rerun this command"
+    if not sys.stdin.isatty() or os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        raise PipelineError(stop)
+    if not license_accepted(version):
+        click.echo("\n".join(license_lines(version)))
+    if not click.confirm(f"No base model at {target}. Download {version.hub.repo} there now"
+                         f"{'' if license_accepted(version) else ', accepting its licence'}?", default=False):
+        raise PipelineError(stop)
+    download_base_model(dict(flags, accept_license=True))
 
 
 def requested_stages(flags) -> tuple[str, str] | None:

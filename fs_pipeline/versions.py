@@ -10,6 +10,26 @@ from fs_pipeline import PipelineError
 
 
 @dataclass(frozen=True)
+class HubRelease:
+    """Where a version's official weights live on the Hugging Face Hub, and what a download must fetch."""
+
+    repo: str  # e.g. "fishaudio/openaudio-s1-mini"; its last part names the folder under checkpoints/
+    # Names or glob patterns of the files the release needs, in the layout models.open_model_dir checks, each of
+    # which must match at least one file of the repository.
+    files: tuple[str, ...]
+    # Those fetched when the repository has them: the model card (README.md names the weights' licence) and a codec
+    # config of the release's own (codec_config.yaml, which the loader prefers to the version's default).
+    optional_files: tuple[str, ...]
+    # The Hub serves a gated repository's files only to a logged-in user who accepted its terms on the model page.
+    gated: bool
+    license_url: str  # the licence's full text
+
+    @property
+    def folder(self) -> str:
+        return self.repo.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
 class ModelVersion:
     name: str
     model_type: str  # config.json's model_type
@@ -21,6 +41,7 @@ class ModelVersion:
     codec_partial_classes: frozenset[str]
     sample_rate: int  # the codec's input rate: prepare resamples audio to it
     license: str
+    hub: HubRelease
 
 
 MODEL_VERSIONS = {
@@ -37,6 +58,13 @@ MODEL_VERSIONS = {
         codec_partial_classes=frozenset({"fish_speech.models.dac.modded_dac.ModelArgs"}),
         sample_rate=44100,
         license="CC-BY-NC-SA-4.0 (Fish Audio openaudio-s1-mini weights: non-commercial use only)",
+        hub=HubRelease(
+            repo="fishaudio/openaudio-s1-mini",
+            files=("config.json", "model.pth", "tokenizer.tiktoken", "special_tokens.json", "codec.pth"),
+            optional_files=("README.md", "codec_config.yaml"),
+            gated=True,
+            license_url="https://creativecommons.org/licenses/by-nc-sa/4.0/",
+        ),
     ),
 }
 DEFAULT_MODEL_VERSION = "s1-mini"
