@@ -33,7 +33,7 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--project", help="Project name: outputs go to results/PROJECT/.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Prepared dataset: training_data/NAME (SPEAKER/*.wav + .lab).")
 @click.option("--pretrained-ckpt-path", type=click.Path(path_type=Path), default=DEFAULT_BASE_MODEL, show_default=True,
-              help="Base model directory in the release layout (config.json, model.pth, tokenizer, codec.pth).")
+              help="Base model directory in the release layout (config.json, the LLM weights, tokenizer, codec.pth).")
 @click.option("--model-version", type=click.Choice(sorted(MODEL_VERSIONS)), default=DEFAULT_MODEL_VERSION, show_default=True,
               help="Which Fish Speech generation the base model is.")
 @click.option("--check-model", is_flag=True, help="Validate and load the base model, print what was found, and exit.")

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(fish-speech descript-audio-codec descript-audiotools hydra-core omegaconf antlr4-python3-runtime argbind
   docstring-parser flatten-dict ffmpy julius importlib-resources librosa lazy-loader audioread loguru loralib
   randomname fire termcolor soundfile soxr pyloudnorm pystoi torch-stoi markdown2 tensorboard tensorboard-data-server
-  absl-py markdown werkzeug protobuf einops click tqdm cffi pycparser openai-whisper more-itertools)
+  absl-py markdown werkzeug protobuf einops click tqdm cffi pycparser openai-whisper more-itertools tokenizers safetensors)
 locked() {
   awk -v n="$1" '$0=="name = \""n"\"" {getline; gsub(/version = |"/,""); print; exit}' poetry.lock
   sed -n "s/^$1==\([^ ]*\) .*/\1/p" requirements-nodeps.txt

@@ -35,7 +35,7 @@ def main(workdir: Path, model_version: str, steps: int, device: str | None, forc
     choice = select_device(device, force_mps, precision)
 
     model_path = workdir / "checkpoints" / f"tiny-{model_version}"
-    if not (model_path / "model.pth").is_file():
+    if not (model_path / "config.json").is_file():
         write_tiny_model(model_path, seed=0, version_name=model_version)
     model_dir = open_model_dir(model_path, model_version)
     dataset = workdir / "training_data" / "sample"

@@ -2,8 +2,11 @@
 
 The same layers as fish-speech's `setup_lora` get adapters: the token, codebook and fast embeddings,
 every attention (wqkv, wo) and feed-forward (w1, w2, w3) projection of the slow and fast transformers,
-and the output heads. Unlike `setup_lora`, it works on configs with tied word embeddings (the S1-mini
-release has them): there the token embedding matrix is also the output head, and it gets no adapter,
+and the output heads. The same for both model versions: S2-Pro's module tree (fs_pipeline.s2pro) has these
+layers under the same names. Adapters are added after the release weights are loaded and keep them (upstream's
+S2 code re-randomised the wrapped layers when it did this the other way round, its issue #1163).
+Unlike `setup_lora`, it works on configs with tied word embeddings (the S1-mini and S2-Pro releases have
+them): there the token embedding matrix is also the output head, and it gets no adapter,
 because fish-speech's forward reads the bare matrix for the head, so merged weights would not compute
 what base+adapter computed (the merge check caught exactly that).
 Adapters never merge themselves in eval mode (loralib's default), so the frozen base weights stay

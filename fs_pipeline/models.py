@@ -2,16 +2,17 @@
 
 A base model is a directory in the layout of Fish Audio's releases:
 
-    config.json            LLM config; model_type names the architecture ("dual_ar")
-    model.pth | model.safetensors   LLM weights
-    tokenizer.tiktoken     BPE ranks
-    special_tokens.json    special token -> id
+    config.json            LLM config; model_type names the architecture ("dual_ar" for s1-mini,
+                           "fish_qwen3_omni" for s2-pro)
+    LLM weights            s1-mini: model.pth | model.safetensors; s2-pro: model.safetensors.index.json and
+                           the safetensors shards it names (memory-mapped, never copied into RAM whole)
+    tokenizer              s1-mini: tokenizer.tiktoken (BPE ranks) + special_tokens.json; s2-pro: tokenizer.json
     codec.pth              codec weights
     codec_config.yaml      optional: the codec's hydra config, when it differs from the version's default
                            (untrusted: only the version's codec classes are built from it)
 
-Real releases (e.g. openaudio-s1-mini) and the tiny kit from `fs_pipeline.tiny_model` load through the
-same code below.
+Which files and which LLM class a version has is data: its registry entry (versions.py) and LLM_BUILDERS.
+Real releases and the tiny kit from `fs_pipeline.tiny_model` load through the same code below.
 """
 
 import functools
@@ -19,6 +20,7 @@ import hashlib
 import importlib
 import json
 import re
+import shlex
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +28,14 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from fs_pipeline import PipelineError
+from fs_pipeline import PipelineError, s2pro
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.fileio import file_hash
 from fs_pipeline.versions import DEFAULT_MODEL_VERSION, MODEL_VERSIONS, ModelVersion, get_version
 
 
-LLM_WEIGHT_FILES = ("model.pth", "model.safetensors")
-REQUIRED_FILES = ("config.json", "tokenizer.tiktoken", "special_tokens.json", "codec.pth")
+LLM_WEIGHT_FILES = MODEL_VERSIONS[DEFAULT_MODEL_VERSION].weight_files  # the default version's
+REQUIRED_FILES = ("config.json", "codec.pth")  # every version's; its tokenizer and weight files come from the registry
 CODEC_CONFIG_FILE = "codec_config.yaml"
 MODEL_CARD = "README.md"  # a release's model card; its front matter names the weights' licence
 # Buffers the codec computes in __init__; checkpoints may leave them out.
@@ -46,14 +48,21 @@ class ModelDir:
 
     path: Path
     version: ModelVersion
-    config: dict
-    weights_file: Path
+    config: dict  # the LLM config in the flat names of fish-speech's DualAR configs, whatever the file's layout
+    weights_file: Path  # the weights, or for a sharded release its index
     codec_cfg: object  # OmegaConf node, checked and resolved (see _checked_codec_tree)
     codec_config_file: Path  # where codec_cfg comes from: the folder's own codec_config.yaml or the package's
 
     @property
     def num_codebooks(self) -> int:
         return self.config["num_codebooks"]
+
+    @property
+    def weight_files(self) -> list[Path]:
+        """Every file the LLM weights are in."""
+        if self.weights_file.name == s2pro.INDEX_FILE:
+            return [self.weights_file, *s2pro.shard_files(self.path)]
+        return [self.weights_file]
 
     @property
     def license(self) -> str:
@@ -182,7 +191,8 @@ def _key_path(parent: str, key, in_list: bool) -> str:
 
 
 def open_model_dir(path: Path | str, version_name: str = DEFAULT_MODEL_VERSION) -> ModelDir:
-    """Check a base-model directory without loading weights. Raises PipelineError naming what is wrong."""
+    """Check a base-model directory without loading weights. Raises PipelineError naming what is wrong, among it
+    an LLM, tokenizer or codec of another model generation than `version_name` (the era check)."""
     path = Path(path)
     version = get_version(version_name)
     if path.is_file():
@@ -194,34 +204,19 @@ def open_model_dir(path: Path | str, version_name: str = DEFAULT_MODEL_VERSION) 
         )
     if not path.is_dir():
         raise PipelineError(
-            f"model directory not found: {path}: download a release (e.g. openaudio-s1-mini) there, "
-            "or make a tiny test model with `python -m fs_pipeline.tiny_model --output DIR`"
+            f"model directory not found: {path}: download a release there with `python finetune_tts.py --download-model "
+            f"--model-version {version_name} --pretrained-ckpt-path {shlex.quote(str(path))}`, or make a tiny test model with "
+            "`python -m fs_pipeline.tiny_model --output DIR`"
         )
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
-    weights = [path / name for name in LLM_WEIGHT_FILES if (path / name).is_file()]
-    if not weights:
-        missing.append(" or ".join(LLM_WEIGHT_FILES))
-    if missing:
-        raise PipelineError(
-            f"model directory {path} is missing {', '.join(missing)}: "
-            "copy the complete release (all of config.json, model weights, tokenizer.tiktoken, "
-            "special_tokens.json, codec.pth) into it"
-        )
-
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PipelineError(f"{path / 'config.json'} is not valid JSON ({e}): re-download the model") from e
-    model_type = config.get("model_type")
-    if model_type != version.model_type:
-        raise PipelineError(
-            f"{path / 'config.json'} has model_type '{model_type}', but model version '{version.name}' "
-            f"needs '{version.model_type}': point --pretrained-ckpt-path at a {version.name} release "
-            "or pass the matching --model-version"
-        )
+    config = _read_config(path, version)
+    _check_files(path, version)
+    weights = next(path / name for name in version.weight_files if (path / name).is_file())
 
     codec_config_file = _codec_config_file(path, version)
     codec_cfg = _load_codec_cfg(codec_config_file, version)
+    if codec_config_file.parent == path:  # the package's default is the version's own by definition
+        _check_codec_era(version, _block_sizes(codec_cfg), path, codec_config_file)
+    _check_codec_era(version, _checkpoint_block_sizes(path / "codec.pth"), path, path / "codec.pth")
     codec_codebooks = codec_codebook_count(codec_cfg)
     if config.get("num_codebooks") != codec_codebooks:
         raise PipelineError(
@@ -234,11 +229,91 @@ def open_model_dir(path: Path | str, version_name: str = DEFAULT_MODEL_VERSION) 
             f"the codec in {path} runs at {codec_cfg.sample_rate} Hz, but model version '{version.name}' "
             f"uses {version.sample_rate} Hz: pass the matching --model-version"
         )
-    return ModelDir(path=path, version=version, config=config, weights_file=weights[0], codec_cfg=codec_cfg,
+    return ModelDir(path=path, version=version, config=config, weights_file=weights, codec_cfg=codec_cfg,
                     codec_config_file=codec_config_file)
 
 
+def _version_of(model_type) -> ModelVersion | None:
+    return next((v for v in MODEL_VERSIONS.values() if v.model_type == model_type), None)
+
+
+def _read_config(path: Path, version: ModelVersion) -> dict:
+    """config.json in the flat names our code reads, once it is known to be `version`'s LLM."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise PipelineError(f"model directory {path} is missing config.json: copy the complete {version.name} release into it")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{file} is not valid JSON ({e}): re-download the model") from e
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != version.model_type:
+        other = _version_of(model_type)
+        if other is not None:
+            raise PipelineError(f"{path} holds an {other.name} LLM (config.json model_type '{model_type}'), not an "
+                                f"{version.name} one: pass --model-version {other.name}, or point the model path at a {version.name} release")
+        raise PipelineError(
+            f"{file} has model_type '{model_type}', but model version '{version.name}' "
+            f"needs '{version.model_type}': point --pretrained-ckpt-path at a {version.name} release "
+            "or pass the matching --model-version"
+        )
+    return s2pro.S2ProConfig.from_release(config, file).as_dict() if model_type == s2pro.MODEL_TYPE else config
+
+
+def _check_files(path: Path, version: ModelVersion) -> None:
+    missing = [name for name in (*version.tokenizer_files, "codec.pth") if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in version.weight_files):
+        missing.append(" or ".join(version.weight_files))
+    if not missing:
+        return
+    others = [v for v in MODEL_VERSIONS.values() if v is not version and all((path / f).is_file() for f in v.tokenizer_files)]
+    if others and any(name in version.tokenizer_files for name in missing):
+        raise PipelineError(f"{path} holds {', '.join(others[0].tokenizer_files)}, the {others[0].name} tokenizer, but its "
+                            f"config.json is an {version.name} LLM, whose tokenizer is {', '.join(version.tokenizer_files)}: "
+                            f"the files come from different model versions; copy the complete {version.name} release into it")
+    raise PipelineError(
+        f"model directory {path} is missing {', '.join(missing)}: copy the complete release (for {version.name}: config.json, "
+        f"{' or '.join(version.weight_files)}, {', '.join(version.tokenizer_files)} and codec.pth) into it"
+    )
+
+
+def _block_sizes(codec_cfg) -> set[int]:
+    """Every block_size a codec config gives its transformers."""
+    from omegaconf import OmegaConf
+
+    found, nodes = set(), [OmegaConf.to_container(codec_cfg)]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, dict):
+            found |= {int(node["block_size"])} if "block_size" in node else set()
+            nodes.extend(node.values())
+        elif isinstance(node, list):
+            nodes.extend(node)
+    return found
+
+
+def _checkpoint_block_sizes(file: Path) -> set[int]:
+    """Lengths of the position tables a codec checkpoint holds (none when it left them out): read from the
+    checkpoint's index of tensors, its storage memory-mapped, not read."""
+    state = _read_state_dict(file)
+    return {int(v.shape[0]) for k, v in state.items() if k.endswith(".freqs_cis")}
+
+
+def _check_codec_era(version: ModelVersion, block_sizes: set[int], path: Path, source: Path) -> None:
+    """Refuse a codec of another generation than the LLM's: both generations' codecs have the same layers and
+    codebooks, and differ in the lengths of their transformers' position tables."""
+    if not block_sizes or block_sizes <= version.codec_block_sizes:
+        return
+    era = next((v for v in MODEL_VERSIONS.values() if block_sizes <= v.codec_block_sizes), None)
+    what = f"an {era.name} codec" if era else "a codec of no known model version"
+    raise PipelineError(f"{source} is {what} (transformer block sizes {', '.join(map(str, sorted(block_sizes)))}), but "
+                        f"config.json in {path} is an {version.name} LLM: the LLM and codec come from different model "
+                        f"versions; use the codec.pth (and codec_config.yaml, if any) that ships with this LLM")
+
+
 def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    if file.name == s2pro.INDEX_FILE:
+        return s2pro.read_sharded(file.parent)
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -270,22 +345,59 @@ def _fill_from_state(module: torch.nn.Module, state: dict, file: Path, optional=
     unused = [k for k in state if k not in expected]
     if unused:
         logger.warning(f"{file}: ignoring {len(unused)} weights this model has no place for (first: {unused[0]})")
-    module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    # A model built without storage (build_llm of a large version) takes the file's tensors as they are: memory-mapped,
+    # in the stored dtype, so a 4B-parameter release is never copied into RAM whole.
+    assign = any(p.is_meta for p in module.parameters())
+    module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=assign)
+
+
+def _build_dual_ar(model_dir: ModelDir):
+    from fish_speech.models.text2semantic.llama import BaseModelArgs, DualARTransformer
+
+    args = BaseModelArgs.from_pretrained(str(model_dir.path / "config.json"))
+    return DualARTransformer(args, tokenizer=load_tokenizer(model_dir))
+
+
+def _build_s2pro(model_dir: ModelDir):
+    config = s2pro.S2ProConfig(**model_dir.config)
+    tokenizer = load_tokenizer(model_dir)
+    if (tokenizer.semantic_begin_id, tokenizer.semantic_end_id) != (config.semantic_begin_id, config.semantic_end_id):
+        raise PipelineError(
+            f"{model_dir.path}: tokenizer.json has the semantic tokens at ids {tokenizer.semantic_begin_id}..{tokenizer.semantic_end_id}, "
+            f"config.json at {config.semantic_begin_id}..{config.semantic_end_id}: the files come from different releases; re-download it"
+        )
+    with torch.device("meta"):  # no storage: load_llm_weights assigns the memory-mapped release tensors
+        return s2pro.S2ProTransformer(config, tokenizer)
+
+
+# model_type -> the LLM class's builder
+LLM_BUILDERS = {"dual_ar": _build_dual_ar, s2pro.MODEL_TYPE: _build_s2pro}
 
 
 def build_llm(model_dir: ModelDir):
-    """The DualARTransformer of `model_dir`'s config and tokenizer, randomly initialised, on CPU in fp32."""
-    from fish_speech.models.text2semantic.llama import BaseModelArgs, DualARTransformer
+    """The LLM of `model_dir`'s config, with its tokenizer, on the CPU: for s1-mini randomly initialised in fp32,
+    for s2-pro with its parameters not yet allocated (meta), until load_llm_weights assigns them."""
+    return LLM_BUILDERS[model_dir.version.model_type](model_dir)
+
+
+def load_tokenizer(model_dir: ModelDir):
+    """The version's tokenizer: fish-speech's FishTokenizer (tiktoken) for s1-mini, s2pro.S2Tokenizer for s2-pro."""
+    if model_dir.version.model_type == s2pro.MODEL_TYPE:
+        return s2pro.S2Tokenizer(model_dir.path, model_dir.config["codebook_size"])
     from fish_speech.tokenizer import FishTokenizer
 
-    args = BaseModelArgs.from_pretrained(str(model_dir.path / "config.json"))
-    tokenizer = FishTokenizer.from_pretrained(str(model_dir.path))
-    return DualARTransformer(args, tokenizer=tokenizer)
+    return FishTokenizer.from_pretrained(str(model_dir.path))
+
+
+def read_weights(model_dir: ModelDir) -> dict[str, torch.Tensor]:
+    """The LLM weights as stored (memory-mapped), under the keys of our module trees."""
+    return _read_state_dict(model_dir.weights_file)
 
 
 def load_llm_weights(model, model_dir: ModelDir) -> None:
-    """Fill `model` (built by build_llm, possibly with LoRA adapters added) with the release weights."""
-    state = _read_state_dict(model_dir.weights_file)
+    """Fill `model` (built by build_llm, possibly with LoRA adapters added) with the release weights. An s2-pro model
+    then holds the release's memory-mapped tensors in their stored dtype (bf16): callers cast it where they compute."""
+    state = read_weights(model_dir)
     # Lightning checkpoints prefix every key with "model."; adapters (lora_*) are not in a release
     state = {k.removeprefix("model."): v for k, v in state.items()}
     _fill_from_state(model, state, model_dir.weights_file, optional=("lora_A", "lora_B"))
@@ -341,6 +453,9 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     state = _read_state_dict(file)
     if any(k.startswith("generator.") for k in state):  # a full GAN training checkpoint
         state = {k.removeprefix("generator."): v for k, v in state.items() if k.startswith("generator.")}
+    # The codec computes these from its config; a checkpoint's copies may be of another length (open_model_dir
+    # checked that their lengths are this version's)
+    state = {k: v for k, v in state.items() if not k.endswith(DERIVED_CODEC_BUFFERS)}
     _fill_from_state(codec, state, file, optional=DERIVED_CODEC_BUFFERS)
     if choice.device.type != "cuda":
         _use_in_place_snakes(codec)
@@ -374,8 +489,10 @@ def model_identity(model_dir: ModelDir, hash_file=file_hash) -> str:
     """A content hash of the base model's files: checkpoints record it, so LoRA weights are never
     applied to a base they were not trained on."""
     h = hashlib.sha256()
-    for name in ("config.json", model_dir.weights_file.name, "special_tokens.json", "tokenizer.tiktoken", "codec.pth"):
-        h.update(name.encode() + hash_file(model_dir.path / name).encode())
+    files = [model_dir.path / "config.json", *model_dir.weight_files, *(model_dir.path / f for f in model_dir.version.tokenizer_files),
+             model_dir.path / "codec.pth"]
+    for file in files:
+        h.update(file.name.encode() + hash_file(file).encode())
     return h.hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ from fs_pipeline import PipelineError, checkpoints
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.lock import project_lock
 from fs_pipeline.manifest import DONE, STAGES, Manifest, settings_record, stage_slice
-from fs_pipeline.models import ModelDir
+from fs_pipeline.models import ModelDir, open_model_dir
 from fs_pipeline.project import Project
 from fs_pipeline.stages import extract, merge, pack, prepare, train
 from fs_pipeline.stages.synthesize import SynthesisSettings, Synthesizer
@@ -217,7 +217,7 @@ def _merge(settings: merge.MergeSettings, model_dir, choice, project, manifest: 
         (merge.merged_path(project, settings.output_root) / "manifest.json").unlink(missing_ok=True)
     merged = merge.run(settings, model_dir, choice, project)
     if not merged.skipped or manifest.state("merge") != DONE:
-        model_files = [merged.merged_dir / "manifest.json", merged.merged_dir / "model.pth"]
+        model_files = [merged.merged_dir / "manifest.json", *open_model_dir(merged.merged_dir, model_dir.version.name).weight_files]
         manifest.complete("merge", checkpoint=merged.checkpoint.name, outputs=manifest.hash_outputs(model_files))
     return merged
 

@@ -42,6 +42,12 @@ class ModelVersion:
     sample_rate: int  # the codec's input rate: prepare resamples audio to it
     license: str
     hub: HubRelease
+    # The release's tokenizer files, and its LLM weights: one of weight_files (for a sharded release, its index).
+    tokenizer_files: tuple[str, ...] = ("special_tokens.json", "tokenizer.tiktoken")
+    weight_files: tuple[str, ...] = ("model.pth", "model.safetensors")
+    # The block sizes (lengths of the position tables) of the codec's transformers: the one trace of its
+    # generation in a codec config or checkpoint, as both generations' codecs have the same layers and codebooks.
+    codec_block_sizes: frozenset[int] = frozenset({16384, 4096})
 
 
 MODEL_VERSIONS = {
@@ -65,6 +71,31 @@ MODEL_VERSIONS = {
             gated=True,
             license_url="https://creativecommons.org/licenses/by-nc-sa/4.0/",
         ),
+    ),
+    "s2-pro": ModelVersion(
+        name="s2-pro",
+        model_type="fish_qwen3_omni",
+        codec_config="modded_dac_vq",  # the same codec family as s1-mini's: same classes, codebooks and rate
+        codec_classes=frozenset({
+            "fish_speech.models.dac.modded_dac.DAC",
+            "fish_speech.models.dac.rvq.DownsampleResidualVectorQuantize",
+            "fish_speech.models.dac.modded_dac.WindowLimitedTransformer",
+            "fish_speech.models.dac.modded_dac.ModelArgs",
+        }),
+        codec_partial_classes=frozenset({"fish_speech.models.dac.modded_dac.ModelArgs"}),
+        sample_rate=44100,
+        license="Fish Audio Research License (Fish Audio s2-pro weights: non-commercial use only, attribution required, "
+                "outputs not to be used to train other foundation models)",
+        hub=HubRelease(
+            repo="fishaudio/s2-pro",
+            files=("config.json", "model.safetensors.index.json", "model-*.safetensors", "tokenizer.json", "codec.pth"),
+            optional_files=("README.md", "codec_config.yaml", "tokenizer_config.json", "special_tokens_map.json"),
+            gated=True,
+            license_url="https://github.com/fishaudio/fish-speech/blob/main/LICENSE",
+        ),
+        tokenizer_files=("tokenizer.json",),
+        weight_files=("model.safetensors.index.json",),
+        codec_block_sizes=frozenset({8192, 2048}),
     ),
 }
 DEFAULT_MODEL_VERSION = "s1-mini"

@@ -2,7 +2,9 @@
 
 Reads   the base model dir, results/<project>/checkpoints/step_*.ckpt (default: the best by best_by, one of
         checkpoints.BEST_BY: validation loss, or with test clips WER, voice similarity or both combined; else the latest)
-Writes  checkpoints/<project>-merged/  model.pth, config.json, tokenizer.tiktoken, special_tokens.json,
+Writes  checkpoints/<project>-merged/  the base's layout with the merged LLM weights: for s1-mini model.pth,
+        config.json, tokenizer.tiktoken, special_tokens.json; for s2-pro safetensors shards + their index
+        (model.safetensors.index.json, the release's key names), config.json, tokenizer.json; then
         codec.pth (+ codec_config.yaml when the base has one), manifest.json
         checkpoints/<project>-lora/    adapter.safetensors + adapter_config.json (the adapters alone)
 Skips   when <project>-merged/manifest.json records the same base model, checkpoint and scale
@@ -31,12 +33,14 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from fs_pipeline import PipelineError, checkpoints
+from fs_pipeline import PipelineError, checkpoints, s2pro
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.fileio import atomic_path, file_hash, write_json_atomic
 from fs_pipeline.lora import LoraSettings, adapted_layers, add_lora, load_lora_state, lora_state_dict, set_adapter_scale
 from fs_pipeline.modeling import fast_forward, slow_forward
-from fs_pipeline.models import CODEC_CONFIG_FILE, MODEL_CARD, ModelDir, build_llm, load_llm, load_llm_weights, model_identity, open_model_dir
+from fs_pipeline.models import (
+    CODEC_CONFIG_FILE, MODEL_CARD, ModelDir, build_llm, load_llm, load_llm_weights, model_identity, open_model_dir, read_weights,
+)
 from fs_pipeline.project import Project
 from fs_pipeline.prompt import training_example
 from fs_pipeline.stages.pack import TRAIN_FILE
@@ -128,6 +132,7 @@ def run(settings: MergeSettings, model_dir: ModelDir, choice: DeviceChoice, proj
 
     adapted = build_llm(model_dir)
     load_llm_weights(adapted, model_dir)
+    adapted.float()  # the merge and its check compute in fp32 (an s2-pro base loads in its stored bf16)
     add_lora(adapted, lora)
     load_lora_state(adapted, payload["lora"], checkpoint)
     set_adapter_scale(adapted, settings.scale)
@@ -157,13 +162,7 @@ def run(settings: MergeSettings, model_dir: ModelDir, choice: DeviceChoice, proj
 
 def _stored_dtype(model_dir: ModelDir) -> torch.dtype:
     """The dtype the release stores its weights in (merged weights are stored the same way)."""
-    if model_dir.weights_file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(model_dir.weights_file), "pt") as f:
-            return f.get_tensor(next(iter(f.keys()))).dtype
-    state = torch.load(model_dir.weights_file, map_location="cpu", mmap=True, weights_only=True)
-    return next(v.dtype for v in state.values() if v.is_floating_point())
+    return next(v.dtype for v in read_weights(model_dir).values() if v.is_floating_point())
 
 
 @torch.no_grad()
@@ -181,8 +180,13 @@ def merged_weights(model) -> dict[str, torch.Tensor]:
 
 
 def _write_model_dir(folder: Path, model_dir: ModelDir, state: dict) -> None:
-    torch.save(state, folder / "model.pth")
-    names = ["config.json", "tokenizer.tiktoken", "special_tokens.json", "codec.pth"]
+    """The base's files in `folder` (a staging directory, renamed into place whole), with `state` as the LLM weights
+    in the base's layout: sharded safetensors with their index for a sharded base, else model.pth."""
+    if model_dir.weights_file.name == s2pro.INDEX_FILE:
+        s2pro.write_sharded(folder, state)
+    else:
+        torch.save(state, folder / "model.pth")
+    names = ["config.json", *model_dir.version.tokenizer_files, "codec.pth"]
     # the codec's own config and the model card (which names the weights' licence) travel with the model
     names += [name for name in (CODEC_CONFIG_FILE, MODEL_CARD) if (model_dir.path / name).is_file()]
     for name in names:
@@ -205,7 +209,7 @@ def probe_batch(model) -> tuple[torch.Tensor, torch.Tensor]:
 def probe_logits(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token logits and codebook logits of the probe, flattened into one vector."""
     token_logits, hidden = slow_forward(model, inputs)
-    frames = labels[:, 0] >= model.tokenizer.semantic_begin_id
+    frames = (labels[:, 0] >= model.tokenizer.semantic_begin_id) & (labels[:, 0] <= model.tokenizer.semantic_end_id)
     codebook_logits = fast_forward(model, hidden[frames], labels[:, 1:].transpose(1, 2)[frames])
     return torch.cat([token_logits.flatten(), codebook_logits.flatten()]).float()
 

@@ -75,9 +75,9 @@ def run(settings: PackSettings, model_dir: ModelDir, project: Project, manifest:
         entry = manifest.entry(STAGE)
         return PackResult(True, entry["train_utterances"], entry["val_utterances"], entry["warnings"])
 
-    from fish_speech.tokenizer import FishTokenizer
+    from fs_pipeline.models import load_tokenizer
 
-    tokenizer = FishTokenizer.from_pretrained(str(model_dir.path))
+    tokenizer = load_tokenizer(model_dir)
     texts = {c.key: c.text() for c in clips}
     codes = {c.key: _checked_codes(c, model_dir) for c in clips}
     voices = _voice_embeddings(clips, manifest, project.data_dir / VOICE_CACHE)
