@@ -20,6 +20,11 @@ from fs_pipeline.fileio import write_text_atomic
 from fs_pipeline.versions import DEFAULT_MODEL_VERSION, MODEL_VERSIONS
 
 PLAYERS = [["ffplay", "-nodisp", "-autoexit", "-loglevel", "quiet"], ["afplay"], ["paplay"], ["aplay", "-q"], ["play", "-q"]]
+# --stream --play: players that read raw mono float32 samples from stdin as they come ({rate}: the sample rate)
+STREAM_PLAYERS = [["ffplay", "-nodisp", "-autoexit", "-loglevel", "quiet", "-f", "f32le", "-ar", "{rate}", "-"],
+                  ["paplay", "--raw", "--format=float32le", "--rate={rate}", "--channels=1"],
+                  ["aplay", "-q", "-t", "raw", "-f", "FLOAT_LE", "-r", "{rate}", "-c", "1"],
+                  ["play", "-q", "-t", "f32", "-r", "{rate}", "-c", "1", "-"]]
 FORMATS = ", ".join(AUDIO_FORMATS)
 
 
@@ -45,12 +50,17 @@ FORMATS = ", ".join(AUDIO_FORMATS)
 @click.option("--max-new-frames", type=click.IntRange(min=1), metavar="INTEGER", default=1024, show_default=True,
               help="Upper bound on generated audio frames (21.5 per second for s1-mini).")
 @click.option("--compile", "compile_step", is_flag=True,
-              help="Compile the per-frame step into CUDA graphs: the first text waits about a minute, later frames come several times faster.")
+              help="Compile the per-frame step into CUDA graphs and the codec decoder: frames come many times faster after a "
+                   "warm-up of minutes on the first run, and of seconds once the compiled kernels are cached "
+                   "($XDG_CACHE_HOME/fs-pipeline/compile, else ~/.cache/fs-pipeline/compile).")
+@click.option("--stream", is_flag=True,
+              help="Hand out audio while it is generated: with --play, the player starts after the first chunk (0.7 s of audio); "
+                   "the time to the first chunk is printed. The file is written once complete.")
 @click.option("--play", is_flag=True, help="Play the result through ffplay, afplay, paplay, aplay or sox's play.")
 @device_options
 @user_errors
 def main(text, model_path, lora, model_version, output, text_file, output_dir, reference_audio, reference_text,
-         seed, temperature, top_p, repetition_penalty, max_new_frames, compile_step, play, device, force_mps, precision) -> None:
+         seed, temperature, top_p, repetition_penalty, max_new_frames, compile_step, stream, play, device, force_mps, precision) -> None:
     """Speak TEXT with a fine-tuned Fish Speech model.
 
     \b
@@ -65,19 +75,35 @@ def main(text, model_path, lora, model_version, output, text_file, output_dir, r
 
     from fs_pipeline.device import select_device
     from fs_pipeline.models import open_model_dir
-    from fs_pipeline.stages.synthesize import SynthesisSettings, Synthesizer
+    from fs_pipeline.stages.synthesize import SynthesisSettings, Synthesizer, default_compile_cache
 
     choice = select_device(device, force_mps, precision)
-    synthesizer = Synthesizer(open_model_dir(model_path, model_version), choice, lora, compile=compile_step)
+    cache = default_compile_cache(os.environ) if compile_step else None
+    synthesizer = Synthesizer(open_model_dir(model_path, model_version), choice, lora, compile=compile_step, compile_cache=cache)
     if reference_audio:
         synthesizer.set_reference(reference_audio, reference_text)
     click.echo(f"Start-up: {time.perf_counter() - started:.1f} s (model and codec loaded on {choice.describe()})")
+    if compile_step:
+        cached = synthesizer.cache_file.is_file()
+        click.echo(f"Warming up the compiled step and decoder ({'from the cache' if cached else 'compiling: minutes on the first run'}; "
+                   f"{synthesizer.cache_file.parent})...")
+        click.echo(f"Warm-up: {synthesizer.warm_up():.1f} s ({time.perf_counter() - started:.1f} s from start)")
 
     settings = SynthesisSettings(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
                                  max_new_frames=max_new_frames, seed=seed)
     spoken, silent = [], []
     for line, path in jobs:
-        speech = synthesizer.render(line, settings)
+        if stream:
+            player = ChunkPlayer(synthesizer.model_dir.version.sample_rate) if play else None
+            begun = time.perf_counter()
+            speech = synthesizer.stream(line, settings, player.write if player else lambda chunk: None)
+            if player and not player.close():
+                play = False  # no sound for one text: none for the next either
+            if speech.first_audio is not None:
+                click.echo(f"First audio after {speech.first_audio:.2f} s of generation, "
+                           f"{begun - started + speech.first_audio:.1f} s from start")
+        else:
+            speech = synthesizer.render(line, settings)
         if not speech.frames:
             silent.append(path.name)
             if text_file:
@@ -95,7 +121,7 @@ def main(text, model_path, lora, model_version, output, text_file, output_dir, r
         if text_file:
             spoken.append(f"{path.name}\t{line}\n")
             write_text_atomic(output_dir / "lines.tsv", "file\ttext\n" + "".join(spoken))
-        if play and not play_audio(path):
+        if play and not stream and not play_audio(path):
             play = False  # no sound for one file: none for the next either
     if silent and not text_file:
         raise PipelineError(f"the model ended the text before any audio frame (--seed {seed}, --temperature {temperature}): "
@@ -151,6 +177,45 @@ def check_reference(audio: Path | None, text: str | None) -> None:
         raise PipelineError(f"reference audio not found: {audio}")
     if audio is not None and not (text or "").strip():
         raise PipelineError("--reference-audio needs --reference-text, the exact words spoken in it")
+
+
+class ChunkPlayer:
+    """--stream --play: the first installed player of STREAM_PLAYERS, fed each chunk of samples as it comes."""
+
+    def __init__(self, sample_rate: int):
+        self.process, self.name = None, None
+        for player in STREAM_PLAYERS:
+            if shutil.which(player[0]):
+                self.name = player[0]
+                self.process = subprocess.Popen([arg.format(rate=sample_rate) for arg in player], stdin=subprocess.PIPE,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                return
+        click.secho("note: --play: no player that reads a stream found (install ffmpeg, sox, pulseaudio-utils or alsa-utils); "
+                    "the file is written", fg="yellow", err=True)
+
+    def write(self, chunk) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.stdin.write(chunk.astype("<f4").tobytes())
+            self.process.stdin.flush()
+        except BrokenPipeError:  # the player quit (no sound device, say): close() says why
+            pass
+
+    def close(self) -> bool:
+        """Wait for the player to finish; False, after one line saying why, where it could not play."""
+        if self.process is None:
+            return False
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
+        problem = self.process.stderr.read().decode(errors="replace").strip().splitlines()
+        if self.process.wait() == 0 and not problem:
+            return True
+        reason = problem[-1] if problem else f"exit status {self.process.returncode}"
+        click.secho(f"note: --play: {self.name} could not play the stream ({reason}); the file is written", fg="yellow", err=True)
+        return False
 
 
 def play_audio(path: Path) -> bool:

@@ -11,6 +11,10 @@ with the same codec weights, loaded once beforehand, in the same run (upstream w
 layers, ours as load_codec gives it); the codec file's hash, which our first run computes once and later
 runs reuse, is taken before timing. --full-codec uses the release-size codec
 with random weights.
+
+Each of our rows runs twice, timed the second time (with --compile-encoder the first run compiles the
+encoder on CUDA, for any length). "codes as upstream" is the share of code entries equal to those of
+upstream's fp32 run.
 """
 
 import shutil
@@ -75,9 +79,10 @@ def synchronize(device):
 @click.option("--num-workers", default=4, show_default=True)
 @click.option("--upstream-chunk", default=64, show_default=True,
               help="Files per upstream batch (upstream uses 64; lower it where 64 long clips don't fit in GPU memory).")
+@click.option("--compile-encoder", is_flag=True, help="Also time ours with the encoder compiled (ExtractSettings.compile).")
 @click.option("--device", default=None)
 @click.option("--no-record", is_flag=True, help="Print only; don't append to RESULTS.md (smoke tests).")
-def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chunk, device, no_record):
+def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chunk, compile_encoder, device, no_record):
     choice = select_device(device)
     work = Path(tempfile.mkdtemp(prefix="fs-bench-extract-"))
     try:
@@ -96,20 +101,29 @@ def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chun
         upstream_style(data, upstream_codec, choice.device, model_dir.version.sample_rate, upstream_chunk)
         synchronize(choice.device)
         upstream_rate = audio_seconds / (time.perf_counter() - start)
-        rows.append((f"upstream approach (chunks of {upstream_chunk}, listing order, main-thread decode)", upstream_rate))
+        wavs = sorted(data.rglob("*.wav"))
+        reference = {wav: np.load(wav.with_suffix(".npy")) for wav in wavs}
+        rows.append((f"upstream approach (chunks of {upstream_chunk}, listing order, main-thread decode)", "library's, eager", upstream_rate, 1.0))
         for batch_size in [int(b) for b in batch_sizes.split(",")]:
-            settings = extract.ExtractSettings(data, batch_size=batch_size, num_workers=num_workers)
-            (data / extract.CODES_RECORD).unlink(missing_ok=True)  # no records: every clip is extracted
-            manifest = Manifest(work / f"manifest-{batch_size}.json")
-            file_hash(model_dir.path / "codec.pth")  # a first run hashes the codec once (1-2 s at full size)
-            start = time.perf_counter()
-            extract.run(settings, model_dir, choice, manifest, codec)
-            synchronize(choice.device)
-            rows.append((f"fs-pipeline, batch {batch_size} (at most {settings.max_batch_seconds:.0f} audio-s), {num_workers} workers", audio_seconds / (time.perf_counter() - start)))
+            for compiled in [False, True] if compile_encoder else [False]:
+                settings = extract.ExtractSettings(data, batch_size=batch_size, num_workers=num_workers, compile=compiled)
+                file_hash(model_dir.path / "codec.pth")  # a first run hashes the codec once (1-2 s at full size)
+                for attempt in ("warm-up", "timed"):
+                    (data / extract.CODES_RECORD).unlink(missing_ok=True)  # no records: every clip is extracted
+                    manifest = Manifest(work / f"manifest-{batch_size}-{compiled}-{attempt}.json")
+                    start = time.perf_counter()
+                    extract.run(settings, model_dir, choice, manifest, codec)
+                    synchronize(choice.device)
+                    seconds = time.perf_counter() - start
+                same = np.mean(np.concatenate([(np.load(wav.with_suffix(".npy")) == reference[wav]).ravel() for wav in wavs]))
+                encoder = "weight norm folded, " + ("compiled" if compiled and choice.type == "cuda" else "eager")
+                rows.append((f"fs-pipeline, batch {batch_size} (at most {settings.max_batch_seconds:.0f} audio-s), {num_workers} workers", encoder,
+                             audio_seconds / seconds, same))
 
         codec_name = "full-size S1-mini codec, random weights" if full_codec else "tiny codec"
         publish("Extraction throughput", choice.device, f"{clips} clips, {audio_seconds:.0f} s of audio, {codec_name}",
-                ["extractor", "audio-s/s", "× upstream"], [[name, f"{rate:.1f}", f"{rate / upstream_rate:.2f}"] for name, rate in rows],
+                ["extractor", "encoder", "audio-s/s", "× upstream", "codes as upstream"],
+                [[name, encoder, f"{rate:.1f}", f"{rate / upstream_rate:.2f}", f"{same:.2%}"] for name, encoder, rate, same in rows],
                 record=not no_record)
     finally:
         shutil.rmtree(work, ignore_errors=True)

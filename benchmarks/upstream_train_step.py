@@ -30,7 +30,7 @@ from benchmarks.common import model_shape, peak_flops, publish, training_flops
 from benchmarks.train_throughput import synthetic_utterances
 from fs_pipeline.device import select_device
 from fs_pipeline.lora import LoraSettings
-from fs_pipeline.modeling import forward
+from fs_pipeline.modeling import LOSS_CHUNK_ELEMENTS, forward
 from fs_pipeline.models import open_model_dir
 from fs_pipeline.packed import speaker_message, write_protos
 from fs_pipeline.stages import train
@@ -103,7 +103,7 @@ def synchronize(choice) -> None:
         torch.cuda.synchronize()
 
 
-def ours(model_dir, batches, warmup: int, compile_blocks: bool, choice) -> dict:
+def ours(model_dir, batches, warmup: int, compile_blocks: bool, choice, loss_chunk: int | None = LOSS_CHUNK_ELEMENTS) -> dict:
     model = train.prepare_model(model_dir, LoraSettings.from_name("r_8_alpha_16"), choice)
     if compile_blocks:
         train.compile_blocks(model)
@@ -112,7 +112,7 @@ def ours(model_dir, batches, warmup: int, compile_blocks: bool, choice) -> dict:
 
     def step(batch) -> tuple[float, int]:
         with choice.autocast():
-            loss = forward(model, *(batch[key].to(choice.device) for key in ("inputs", "labels", "frames"))).loss
+            loss = forward(model, *(batch[key].to(choice.device) for key in ("inputs", "labels", "frames")), loss_chunk=loss_chunk).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -146,8 +146,11 @@ def ours(model_dir, batches, warmup: int, compile_blocks: bool, choice) -> dict:
 @click.option("--warmup", default=4, show_default=True)
 @click.option("--pack-utterances", is_flag=True, help="Rows of several utterances up to --max-length tokens, for both trainers.")
 @click.option("--max-length", type=int, default=None, help="Row length in tokens [default: 4096, or the model's max if lower].")
+@click.option("--eager/--no-eager", default=True, show_default=True, help="Time our eager step too.")
+@click.option("--whole-loss", is_flag=True, help="Also time our compiled step with the loss over the whole batch's logits at once "
+                                                 "(the code before chunking it).")
 @click.option("--no-record", is_flag=True)
-def main(upstream, llm_size, batch_size, frames, steps, warmup, pack_utterances, max_length, device, no_record):
+def main(upstream, llm_size, batch_size, frames, steps, warmup, pack_utterances, max_length, eager, whole_loss, device, no_record):
     choice = select_device(device)
     work = Path(tempfile.mkdtemp(prefix="fs-bench-upstream-"))
     try:
@@ -171,9 +174,12 @@ def main(upstream, llm_size, batch_size, frames, steps, warmup, pack_utterances,
             if theirs.returncode != 0:
                 raise click.ClickException(f"upstream step failed:\n{theirs.stderr[-3000:]}")
             rows.append(("upstream fish-speech step (bf16-true, key padding mask)", json.loads(theirs.stdout.strip().splitlines()[-1])))
-        rows.append(("fs-pipeline step, eager", ours(model_dir, batches, warmup, False, choice)))
+        if eager or choice.type != "cuda":
+            rows.append(("fs-pipeline step, eager", ours(model_dir, batches, warmup, False, choice)))
         if choice.type == "cuda":
             rows.append(("fs-pipeline step, --compile", ours(model_dir, batches, warmup, True, choice)))
+            if whole_loss:
+                rows.append(("fs-pipeline step, --compile, loss over the whole batch's logits", ours(model_dir, batches, warmup, True, choice, None)))
         base = rows[0][1]["tokens_per_second"]
         timed = batches[warmup:]
         flops = training_flops(shape.config, [int(n) for b in timed for n in b["lengths"]],

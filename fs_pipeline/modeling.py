@@ -11,11 +11,14 @@ model's modules, matching what its inference code (`forward_generate`) computes:
    state followed by the embeddings of codebooks 0..n-2; its outputs predict codebooks 0..n-1.
 
 Loss = cross-entropy on the tokens + cross-entropy on the codebooks, each a mean over its own targets:
-the tokens whose label is not IGNORE, and every codebook of every frame.
+the tokens whose label is not IGNORE, and every codebook of every frame. The losses are computed a slice
+of positions at a time (head_losses): at S1-mini size, 4 rows of 4096 tokens would otherwise hold their
+155776-way logits in fp32 all at once, 10 GB, and as much again for their gradient.
 """
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,9 @@ from torch.utils.checkpoint import checkpoint
 from fs_pipeline.device import flash_attention_available
 
 IGNORE = -100
+# Logit entries (positions x vocabulary) that exist at once in the loss: 2**28 fp32 values are 1 GiB, so
+# about 1700 positions of the 155776-token head, or every frame of a batch through the 4096-code head.
+LOSS_CHUNK_ELEMENTS = 2**28
 
 
 @dataclass
@@ -76,24 +82,68 @@ def causal_mask(model, x: torch.Tensor) -> torch.Tensor | None:
     return model.causal_mask[None, None, : x.shape[1], : x.shape[1]]
 
 
-def slow_forward(model, inputs: torch.Tensor, gradient_checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token logits, hidden states) for inputs of shape (batch, num_codebooks + 1, length)."""
+def slow_hidden(model, inputs: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
+    """The slow transformer's hidden states (batch, length, dim), before its final norm."""
     x = embed(model, inputs)
     freqs_cis = model.freqs_cis[: inputs.shape[-1]]
-    x = _run_layers(model.layers, x, freqs_cis, causal_mask(model, x), gradient_checkpointing)
-    normed = model.norm(x)
-    logits = F.linear(normed, model.embeddings.weight) if model.config.tie_word_embeddings else model.output(normed)
-    return logits, x
+    return _run_layers(model.layers, x, freqs_cis, causal_mask(model, x), gradient_checkpointing)
+
+
+def token_head(model, normed: torch.Tensor) -> torch.Tensor:
+    return F.linear(normed, model.embeddings.weight) if model.config.tie_word_embeddings else model.output(normed)
+
+
+def slow_forward(model, inputs: torch.Tensor, gradient_checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token logits, hidden states) for inputs of shape (batch, num_codebooks + 1, length)."""
+    x = slow_hidden(model, inputs, gradient_checkpointing)
+    return token_head(model, model.norm(x)), x
+
+
+def fast_hidden(model, hidden: torch.Tensor, codes: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
+    """The fast transformer's normed states (frames, num_codebooks, fast_dim) for slow hidden states
+    (frames, dim) and the frames' codes (frames, num_codebooks): what its output head reads."""
+    n = model.config.num_codebooks
+    x = torch.cat([model.fast_project_in(hidden)[:, None], model.fast_embeddings(codes[:, : n - 1])], dim=1)
+    mask = model.causal_mask[None, None, :n, :n]
+    x = _run_layers(model.fast_layers, x, model.fast_freqs_cis[:n], mask, gradient_checkpointing)
+    return model.fast_norm(x)
 
 
 def fast_forward(model, hidden: torch.Tensor, codes: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
     """Codebook logits (frames, num_codebooks, codebook_size) for slow hidden states (frames, dim) and the
     frames' codes (frames, num_codebooks)."""
-    n = model.config.num_codebooks
-    x = torch.cat([model.fast_project_in(hidden)[:, None], model.fast_embeddings(codes[:, : n - 1])], dim=1)
-    mask = model.causal_mask[None, None, :n, :n]
-    x = _run_layers(model.fast_layers, x, model.fast_freqs_cis[:n], mask, gradient_checkpointing)
-    return model.fast_output(model.fast_norm(x))
+    return model.fast_output(fast_hidden(model, hidden, codes, gradient_checkpointing))
+
+
+def _head_chunk_losses(head, states: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, top-5 hits) of `head`'s logits for `states` (positions, dim) against `targets`.
+    A hit is a target with fewer than 5 logits above its own: top-5 without sorting the vocabulary."""
+    logits = head(states).float()
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    with torch.no_grad():
+        valid = targets != IGNORE
+        own = logits.gather(1, targets.clamp(min=0)[:, None])
+        hits = ((logits > own).sum(dim=1) < 5) & valid
+    return loss, hits.sum()
+
+
+def head_losses(head, states: torch.Tensor, targets: torch.Tensor, vocabulary: int,
+                chunk_elements: int | None = LOSS_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, top-5 hits) of `head`'s logits (`vocabulary` wide) for `states` (positions,
+    dim) against `targets` (positions; IGNORE counts nothing). The logits exist for about `chunk_elements`
+    entries at a time (None: all at once), and with gradients on, each slice's are recomputed in backward
+    instead of kept, so that the fp32 logits of the whole batch are never held: the head's matmul runs
+    once more."""
+    rows = len(states) if chunk_elements is None else max(1, chunk_elements // vocabulary)
+    if rows >= len(states):
+        return _head_chunk_losses(head, states, targets)
+    recompute = torch.is_grad_enabled() and states.requires_grad
+    loss, hits = states.new_zeros((), dtype=torch.float32), targets.new_zeros(())
+    for start in range(0, len(states), rows):
+        part = (head, states[start : start + rows], targets[start : start + rows])
+        part_loss, part_hits = checkpoint(_head_chunk_losses, *part, use_reentrant=False) if recompute else _head_chunk_losses(*part)
+        loss, hits = loss + part_loss, hits + part_hits
+    return loss, hits
 
 
 def _is_frame(model, labels: torch.Tensor) -> torch.Tensor:
@@ -114,32 +164,29 @@ def target_counts(model, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def forward(model, inputs: torch.Tensor, labels: torch.Tensor, frames: torch.Tensor | None = None,
-            gradient_checkpointing: bool = False) -> ForwardResult:
+            gradient_checkpointing: bool = False, loss_chunk: int | None = LOSS_CHUNK_ELEMENTS) -> ForwardResult:
     """Losses for a batch made by prompt.training_example (padded with 0 inputs and IGNORE labels);
-    `frames` is frame_index(model, labels), found here when not given."""
+    `frames` is frame_index(model, labels), found here when not given. `loss_chunk` bounds the logits held
+    at once (head_losses; None: the whole batch's, as before)."""
     if frames is None:
         frames = frame_index(model, labels)
     tokens, codebook_targets = target_counts(model, labels)
-    token_logits, hidden = slow_forward(model, inputs, gradient_checkpointing)
-    token_labels = labels[:, 0]
-    token_loss_sum = F.cross_entropy(
-        token_logits.float().flatten(0, 1), token_labels.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
+    hidden = slow_hidden(model, inputs, gradient_checkpointing)
+    token_loss_sum, hits = head_losses(partial(token_head, model), model.norm(hidden).flatten(0, 1), labels[:, 0].flatten(),
+                                       model.config.vocab_size, loss_chunk)
 
     frame_codes = labels[:, 1:].transpose(1, 2).flatten(0, 1).index_select(0, frames)  # (frames, num_codebooks)
-    codebook_logits = fast_forward(model, hidden.flatten(0, 1).index_select(0, frames), frame_codes, gradient_checkpointing)
-    codebook_loss_sum = F.cross_entropy(codebook_logits.float().flatten(0, 1), frame_codes.flatten(), reduction="sum")
+    fast = fast_hidden(model, hidden.flatten(0, 1).index_select(0, frames), frame_codes, gradient_checkpointing)
+    codebook_loss_sum, _ = head_losses(model.fast_output, fast.flatten(0, 1), frame_codes.flatten(), model.config.codebook_size, loss_chunk)
 
     # a batch without targets of a kind (e.g. a micro-batch whose frames were all truncated away) adds 0, not NaN
     token_loss = token_loss_sum / tokens.clamp(min=1)
     codebook_loss = codebook_loss_sum / codebook_targets.clamp(min=1)
-    top5 = token_logits.topk(5, dim=-1).indices
-    hits = (top5 == token_labels[..., None]).any(dim=-1) & (token_labels != IGNORE)
     return ForwardResult(
         loss=token_loss + codebook_loss,
         token_loss=token_loss.detach(),
         codebook_loss=codebook_loss.detach(),
-        top5_accuracy=hits.sum() / tokens.clamp(min=1),
+        top5_accuracy=hits / tokens.clamp(min=1),
         token_loss_sum=token_loss_sum,
         codebook_loss_sum=codebook_loss_sum,
         tokens=tokens,

@@ -446,7 +446,7 @@ def _build(node, source, key: str):
 
 
 def load_codec(model_dir: ModelDir, choice: DeviceChoice):
-    """The codec with its release weights, in eval mode. It runs in fp32: it is small next to the LLM,
+    """The codec with its release weights, weight norm folded, in eval mode. It runs in fp32: it is small next to the LLM,
     and its quantizer's nearest-codeword search is sensitive to rounding."""
     codec = build_codec(model_dir.codec_cfg, model_dir.version, model_dir.codec_config_file)
     file = model_dir.path / "codec.pth"
@@ -459,7 +459,19 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     _fill_from_state(codec, state, file, optional=DERIVED_CODEC_BUFFERS)
     if choice.device.type != "cuda":
         _use_in_place_snakes(codec)
+    _fold_weight_norm(codec)
     return codec.to(choice.device).eval()
+
+
+def _fold_weight_norm(codec: torch.nn.Module) -> None:
+    """Each weight-normed layer's weight computed once and kept as a plain weight: the codec recomputes
+    g * v / |v| on every call otherwise, which gives the same values. The codec is only ever used for
+    inference (nothing saves its state dict, whose keys this changes)."""
+    from torch.nn.utils import parametrize
+
+    for module in codec.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
 class InPlaceSnake(torch.nn.Module):

@@ -5,6 +5,10 @@ Writes  <clip>.npy next to each wav: int64 codes, shape (num_codebooks, frames);
         and audio stats for the QA report) in <data_dir>/.codes.json, which every project on the dataset
         shares, and a copy in the project manifest's "extract" entry
 Skips   a clip whose audio hash, codec identity and .npy hash match its record, whichever project made it
+
+Speed: clips are decoded in DataLoader workers, and each batch's codes are written while the GPU encodes
+the next batch. `compile` (off by default) compiles the encoder on CUDA: at full size its compilation took
+over a minute on an H100 and its gain is not measured yet (benchmarks/RESULTS.md, 2026-11-27).
 """
 
 import time
@@ -37,6 +41,7 @@ class ExtractSettings:
     batch_size: int = 16
     max_batch_seconds: float = 240.0  # padded audio per codec batch: bounds GPU memory when clips are long
     num_workers: int = DECODE_WORKERS
+    compile: bool = False  # compile the encoder on CUDA (see the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -86,28 +91,40 @@ def _run(settings: ExtractSettings, clips: list[Clip], model_dir: ModelDir, choi
         durations = _durations(todo, settings.data_dir)
         audio_seconds = sum(durations.values())
         logger.info(f"extracting codes for {len(todo)} clips ({audio_seconds / 60:.1f} min of audio); {len(records)} up to date")
-        codec = codec or load_codec(model_dir, choice)
+        codec = fast_encoder(codec or load_codec(model_dir, choice), choice, settings.compile)
         batches = _batches_by_length(todo, durations, settings.batch_size, settings.max_batch_seconds)
+        on_gpu = choice.type == "cuda"
         loader = torch.utils.data.DataLoader(
             _ClipAudio(todo, model_dir.version.sample_rate),
             batch_sampler=batches,
             num_workers=settings.num_workers,
             collate_fn=_pad_batch,
+            pin_memory=on_gpu,  # page-locked batches copy to the GPU without a wait
         )
+
+        def save(indices, codes, frames, stats) -> None:
+            codes, frames = codes.cpu().numpy().astype(np.int64), frames.cpu().tolist()  # waits for this batch alone
+            for row, index in enumerate(indices):
+                clip = todo[index]
+                _save_npy(clip.npy, codes[row, :, : frames[row]])
+                records[clip.key] = shared_records[clip.key] = {
+                    "audio": shared.hash(clip.wav), "codec": codec_id, "codes": shared.hash(clip.npy), **stats[row]
+                }
+            shared.save()  # after the batch's codes: a record never names a file that isn't complete
+            bar.update(sum(durations[todo[i].key] for i in indices))
+
         progress = "{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, {rate_fmt}]"
         with tqdm(total=audio_seconds, unit="audio-s", desc="extract", bar_format=progress, dynamic_ncols=True) as bar:
+            pending = None
             for indices, audio, lengths, stats in loader:
                 with torch.inference_mode():
-                    codes, frames = codec.encode(audio.to(choice.device), lengths.to(choice.device))
-                for row, index in enumerate(indices):
-                    clip = todo[index]
-                    clip_codes = codes[row, :, : frames[row]].cpu().numpy().astype(np.int64)
-                    _save_npy(clip.npy, clip_codes)
-                    records[clip.key] = shared_records[clip.key] = {
-                        "audio": shared.hash(clip.wav), "codec": codec_id, "codes": shared.hash(clip.npy), **stats[row]
-                    }
-                shared.save()  # after the batch's codes: a record never names a file that isn't complete
-                bar.update(sum(durations[todo[i].key] for i in indices))
+                    encoded = codec.encode(audio.to(choice.device, non_blocking=on_gpu), lengths.to(choice.device, non_blocking=on_gpu))
+                # the GPU encodes this batch while the last one's codes are written (CUDA runs asynchronously)
+                if pending is not None:
+                    save(*pending)
+                pending = (indices, *encoded, stats)
+            if pending is not None:
+                save(*pending)
 
     entry = manifest.entry(STAGE)
     # A rerun with nothing to do keeps its completion, so what was made from it stays current.
@@ -115,6 +132,15 @@ def _run(settings: ExtractSettings, clips: list[Clip], model_dir: ModelDir, choi
         manifest.complete(STAGE, data_dir=str(Path(settings.data_dir).resolve()), codec=codec_id, clips=records,
                           outputs=manifest.hash_outputs([c.npy for c in clips]))
     return ExtractResult(len(todo), len(clips) - len(todo), audio_seconds, time.perf_counter() - started)
+
+
+def fast_encoder(codec: torch.nn.Module, choice: DeviceChoice, compile: bool) -> torch.nn.Module:
+    """The codec with its encoder compiled on CUDA, for any batch length (dynamic shapes), when `compile`:
+    inductor fuses each Snake activation at the full sample rate into the convolutions' neighbours, where
+    the eager encoder reads and writes the full-rate feature maps once per elementwise op."""
+    if compile and choice.type == "cuda" and not getattr(codec.encoder, "_compiled_call_impl", None):
+        codec.encoder.compile(dynamic=True)
+    return codec
 
 
 def _is_done(clip: Clip, record: dict | None, codec_id: str, manifest: Manifest) -> bool:

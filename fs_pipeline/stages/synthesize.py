@@ -12,10 +12,18 @@ inference forward (forward_generate / forward_generate_fast with its KV caches).
 Sampling is fish-speech 0.1.0's (models/text2semantic/inference.py): a repetition penalty on the logits of
 recent frames' tokens, then top-p on the penalised logits, then the temperature, then a draw, with the
 window of recent frames formed as its decode_n_tokens forms it (see _remember and _next_frame).
+
+Speed. With `compile`, the per-frame step runs in CUDA graphs and the codec decoder is compiled (on CUDA);
+warm_up() compiles both before the first text, and keeps what it compiled in a cache file keyed by the
+model's shape, torch's version and the GPU (compile_cache_key), so that a later process loads the kernels
+instead of compiling them again. stream() hands out audio while frames are still being generated.
 """
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +32,18 @@ import torch
 from fs_pipeline import PipelineError
 from fs_pipeline.audio.io import read_wav, write_wav
 from fs_pipeline.device import DeviceChoice
+from fs_pipeline.fileio import atomic_path
 from fs_pipeline.models import ModelDir, build_llm, load_codec, load_llm, load_llm_weights, model_identity
 from fs_pipeline.prompt import prompt_values
 
 
 # fish-speech's decode_n_tokens penalises repeats among the last 16 frames (its win_size)
 REPETITION_WINDOW = 16
+# stream(): the first chunk holds this many frames (0.74 s of s1-mini audio); each later one doubles the audio
+FIRST_CHUNK_FRAMES = 16
+# warm_up() calls the step this often: compiled with mode="reduce-overhead", it records its CUDA graph on the third call
+WARMUP_STEPS = 3
+COMPILE_CACHE_FORMAT = 1  # part of the cache key: raise it when what is cached changes meaning
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,7 @@ class Synthesis:
     cut_off: str | None
     seconds: float  # wall time of generation alone: LLM frames and codec decoding, no start-up, no writing
     path: Path | None = None  # where speak() wrote it
+    first_audio: float | None = None  # seconds from the start of generation to the first audio handed out (render(): all at the end)
 
     @property
     def audio_seconds(self) -> float:
@@ -62,13 +77,39 @@ class Synthesis:
         return self.audio_seconds / self.seconds if self.seconds else 0.0
 
 
+def default_compile_cache(environ: dict) -> Path:
+    """Where compiled kernels are kept between runs: $XDG_CACHE_HOME/fs-pipeline/compile, or
+    ~/.cache/fs-pipeline/compile where XDG_CACHE_HOME is unset (the XDG base directory convention)."""
+    root = Path(environ["XDG_CACHE_HOME"]) if environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return root / "fs-pipeline" / "compile"
+
+
+def compile_cache_key(config, codec_cfg, choice: DeviceChoice) -> str:
+    """What decides the compiled kernels: the LLM's shape (its config, not its weights), the codec's config,
+    the precision, torch's version and the GPU model. Kernels compiled for another of any of these are of no
+    use (torch checks each graph again when it loads them; the key keeps unrelated ones apart)."""
+    from omegaconf import OmegaConf
+
+    shape = asdict(config) if is_dataclass(config) else dict(vars(config))
+    if choice.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(choice.device)
+        device = f"{torch.cuda.get_device_name(choice.device)} sm{major}{minor}"
+    else:
+        device = choice.type
+    material = json.dumps({"format": COMPILE_CACHE_FORMAT, "llm": shape, "codec": OmegaConf.to_container(codec_cfg, resolve=True),
+                           "dtype": str(choice.dtype), "torch": torch.__version__, "device": device}, sort_keys=True, default=str)
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
 class Synthesizer:
     """A loaded model and codec, ready to speak any number of texts."""
 
-    def __init__(self, model_dir: ModelDir, choice: DeviceChoice, lora: Path | None = None, model=None, compile: bool = False):
+    def __init__(self, model_dir: ModelDir, choice: DeviceChoice, lora: Path | None = None, model=None, compile: bool = False,
+                 compile_cache: Path | None = None):
         """Loads the model of `model_dir` (plus `lora` adapters), or speaks with `model`, one already in
         memory (training uses this for its test clips). `compile` captures the per-frame step in CUDA
-        graphs (torch.compile): much faster frames after a slow first text."""
+        graphs (torch.compile) and, on CUDA, compiles the codec decoder: much faster frames once warm_up()
+        has compiled them, which `compile_cache` (a folder) keeps for the next process."""
         self.model_dir, self.choice = model_dir, choice
         if model is not None:
             self.model = model
@@ -86,7 +127,45 @@ class Synthesizer:
         self.reference: list[tuple[str, torch.Tensor]] = []
         self.fast_positions = torch.arange(self.model.config.num_codebooks, device=choice.device)
         self.end_id = self.model.tokenizer.get_token_id("<|im_end|>")
+        self.compiled = compile
+        self.cache_file = None
+        if compile and compile_cache is not None:
+            self.cache_file = Path(compile_cache) / f"synthesis-{compile_cache_key(self.model.config, model_dir.codec_cfg, choice)}.bin"
+            if self.cache_file.is_file():  # before anything compiles: torch then finds these kernels instead of building them
+                # a damaged file is torch's warning (checksum), not an error: everything compiles afresh and warm_up() rewrites it
+                torch.compiler.load_cache_artifacts(self.cache_file.read_bytes())
         self._decode_step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile else self._step
+        # Chunks of a stream have many lengths: compiled for any length at once, not once per length. On CPU
+        # inductor's C++ build takes longer than the decoding it would save for a few texts.
+        self._codec_decode = torch.compile(self.codec.decode, dynamic=True) if compile and choice.type == "cuda" else self.codec.decode
+
+    def warm_up(self) -> float:
+        """Compile (or load from the cache) what `compile` compiles, on dummy inputs, so that the first text
+        runs at full speed; then save the compiled kernels to the cache file. Returns the seconds it took.
+        Without `compile` there is nothing to warm up."""
+        if not self.compiled:
+            return 0.0
+        started = time.perf_counter()
+        self._ensure_caches()
+        model, device, n = self.model, self.choice.device, self.model.config.num_codebooks
+        # The inputs are made under inference_mode, as generation makes its own: compiled code is specialised on
+        # that too, and a tensor made outside it would make the first real text compile again.
+        # What the dummy steps write into the KV caches is overwritten by the next prompt, which starts at 0.
+        with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.choice.autocast():
+            frame = torch.zeros(n + 1, dtype=torch.long, device=device)
+            frame[0] = model.tokenizer.semantic_begin_id
+            window = torch.zeros(n + 1, REPETITION_WINDOW, dtype=torch.long, device=device)
+            for position in range(WARMUP_STEPS):
+                self._decode_step(frame, torch.tensor([position], device=device), window, *self._sampling(SynthesisSettings()))
+            for frames in (FIRST_CHUNK_FRAMES, 2 * FIRST_CHUNK_FRAMES):  # two lengths: the decoder's dynamic-shape graph
+                self._decode(torch.zeros(n, frames, dtype=torch.long, device=device))
+        if self.cache_file is not None:
+            artifacts = torch.compiler.save_cache_artifacts()
+            if artifacts is not None:
+                self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(self.cache_file) as tmp:
+                    Path(tmp).write_bytes(artifacts[0])
+        return time.perf_counter() - started
 
     def set_reference(self, audio: Path, text: str) -> None:
         """Voice prompting: the model continues in the voice of this clip, whose transcript is `text`."""
@@ -119,22 +198,67 @@ class Synthesizer:
         self._ensure_caches()
         started = time.perf_counter()
         codes, cut_off = self._generate(text.strip(), settings)
-        with torch.inference_mode():
-            if codes.shape[1]:
-                audio, _ = self.codec.decode(codes[None].to(self.choice.device), torch.tensor([codes.shape[1]], device=self.choice.device))
-                samples = audio[0, 0].float().cpu().numpy()
-            else:
-                samples = np.zeros(0, dtype=np.float32)
-        return Synthesis(samples, self.model_dir.version.sample_rate, codes.shape[1], cut_off, time.perf_counter() - started)
+        samples = self._decode(codes)
+        seconds = time.perf_counter() - started
+        return Synthesis(samples, self.model_dir.version.sample_rate, codes.shape[1], cut_off, seconds, first_audio=seconds)
+
+    def stream(self, text: str, settings: SynthesisSettings, on_audio: Callable[[np.ndarray], None],
+               first_chunk: int = FIRST_CHUNK_FRAMES) -> Synthesis:
+        """render(), handing the audio to `on_audio` in chunks while the frames are generated: the first after
+        `first_chunk` frames, each later one as long as all before it together, the rest at the end.
+
+        The codec's decoder is causal (causal convolutions, causal attention), so the audio of the first k
+        frames depends on those frames alone: each chunk decodes all frames so far and hands out the samples
+        past the last chunk's, which is the one-shot decode's audio (the chunks joined equal render()'s up to
+        fp32 rounding), and doubling the chunks keeps the decoding within twice one-shot's."""
+        if not text.strip():
+            raise PipelineError("the text to speak is empty: pass some words")
+        self._ensure_caches()
+        chunks: list[np.ndarray] = []
+        first_audio: list[float] = []
+        started = time.perf_counter()
+
+        def deliver(codes: torch.Tensor) -> None:
+            done = sum(len(chunk) for chunk in chunks)
+            chunk = self._decode(codes)[done:]
+            chunks.append(chunk)
+            if not first_audio:
+                first_audio.append(time.perf_counter() - started)
+            on_audio(chunk)
+
+        codes, cut_off = self._generate(text.strip(), settings, on_chunk=deliver, first_chunk=first_chunk)
+        seconds = time.perf_counter() - started
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        return Synthesis(audio, self.model_dir.version.sample_rate, codes.shape[1], cut_off, seconds,
+                         first_audio=first_audio[0] if first_audio else None)
 
     def generate(self, text: str, settings: SynthesisSettings) -> torch.Tensor:
         """Codes (num_codebooks, frames) for `text`."""
         return self._generate(text, settings)[0]
 
+    def _decode(self, codes: torch.Tensor) -> np.ndarray:
+        """The codec's audio (float32, mono) for codes (num_codebooks, frames), in fp32: also when called from
+        inside generation's autocast, as stream() does."""
+        if not codes.shape[1]:
+            return np.zeros(0, dtype=np.float32)
+        # moved under inference_mode, so that the compiled decoder always sees the same kind of tensor
+        with torch.inference_mode(), torch.autocast(self.choice.type, enabled=False):
+            codes = codes.to(self.choice.device)
+            audio, _ = self._codec_decode(codes[None], torch.tensor([codes.shape[1]], device=codes.device))
+        return audio[0, 0].float().cpu().numpy()
+
+    def _sampling(self, settings: SynthesisSettings) -> list[torch.Tensor]:
+        # 0-d tensors on the device, as fish-speech passes them: the compiled step takes new values without recompiling
+        return [torch.tensor(value, device=self.choice.device) for value in (settings.temperature, settings.top_p, settings.repetition_penalty)]
+
     @torch.inference_mode()
-    def _generate(self, text: str, settings: SynthesisSettings) -> tuple[torch.Tensor, str | None]:
+    def _generate(self, text: str, settings: SynthesisSettings,
+                  on_chunk: Callable[[torch.Tensor], None] | None = None, first_chunk: int = FIRST_CHUNK_FRAMES,
+                  ) -> tuple[torch.Tensor, str | None]:
         """Codes (num_codebooks, frames) for `text`, and what cut generation off (Synthesis.cut_off). Sampling
-        stays on the device: the only wait for it is one look per frame at whether the model ended the text."""
+        stays on the device: the only wait for it is one look per frame at whether the model ended the text.
+        `on_chunk` gets the codes so far (on the device) after `first_chunk` frames, again whenever their
+        number has doubled, and at the end if frames came after its last call."""
         model, device = self.model, self.choice.device
         tokenizer, n = model.tokenizer, model.config.num_codebooks
         prompt = prompt_values(tokenizer, [*self.reference, (text, None)], n).to(device)
@@ -145,11 +269,11 @@ class Synthesizer:
         budget = min(settings.max_new_frames, context_left)
         cut_off = "max_new_frames" if budget == settings.max_new_frames else "max_seq_len"
         self._ensure_caches()
-        # 0-d tensors on the device, as fish-speech passes them: the compiled step takes new values without recompiling
-        sampling = [torch.tensor(value, device=device) for value in (settings.temperature, settings.top_p, settings.repetition_penalty)]
+        sampling = self._sampling(settings)
         # fish-speech starts its window as zeros, so code 0 counts as recent until 16 frames exist
         window = torch.zeros(n + 1, REPETITION_WINDOW, dtype=torch.long, device=device)
         frames = []
+        chunk_end, delivered = first_chunk, 0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.choice.autocast():
             torch.manual_seed(settings.seed)
             result = model.forward_generate(prompt[None], torch.arange(length, device=device))
@@ -160,13 +284,19 @@ class Synthesizer:
                     cut_off = None
                     break
                 frames.append(frame)
+                if on_chunk is not None and len(frames) == chunk_end:
+                    on_chunk(_codes(frames))
+                    chunk_end, delivered = 2 * chunk_end, len(frames)
                 if len(frames) < budget:
                     # cloned: a CUDA-graph step's output buffer is overwritten by its next replay
                     frame = self._decode_step(frame, torch.tensor([position], device=device), window, *sampling).clone()
                     window = _remember(window, frame, step)
         if not frames:
             return torch.zeros(n, 0, dtype=torch.long), cut_off
-        return torch.stack(frames)[:, 1:].T.cpu(), cut_off
+        codes = _codes(frames)
+        if on_chunk is not None and len(frames) > delivered:
+            on_chunk(codes)
+        return codes.cpu(), cut_off
 
     def _ensure_caches(self) -> None:
         model = self.model
@@ -205,6 +335,11 @@ class Synthesizer:
             recent = None if window is None else window[codebook + 1]  # this codebook's codes in the recent frames
             codes.append(_draw(_probabilities(logits[0, 0, : self.residual_size].float(), recent, penalty, temperature, top_p)))
         return torch.stack([token, *codes])
+
+
+def _codes(frames: list[torch.Tensor]) -> torch.Tensor:
+    """Codes (num_codebooks, frames) of generated frames (token id, code 0, .., code n-1), where they are."""
+    return torch.stack(frames)[:, 1:].T
 
 
 def _remember(window: torch.Tensor, frame: torch.Tensor, step: int) -> torch.Tensor:
