@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 POETRY_VERSION=2.5.1
 FIRST_INSTALL_GB=6  # .venv measured at 5.3-5.6 GB, most of it torch's CUDA build
-APT_PACKAGES=(ffmpeg espeak-ng sox)
+APT_PACKAGES=(ffmpeg espeak-ng sox chromium)  # chromium: the browser tests/test_webui.py drives
 POETRY_HOME_DIR="${XDG_DATA_HOME:-$HOME/.local/share}/fs-pipeline/poetry"
 
 say() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }

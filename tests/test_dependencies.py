@@ -21,6 +21,11 @@ MODULES = [
     "safetensors.torch",
     "resemblyzer",
     "webrtcvad",
+    "huggingface_hub",
+    "tokenizers",
+    "starlette",
+    "uvicorn",
+    "playwright.sync_api",
 ]
 
 
