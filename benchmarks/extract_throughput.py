@@ -32,7 +32,7 @@ from fs_pipeline.audio.io import read_wav
 from fs_pipeline.device import select_device
 from fs_pipeline.fileio import file_hash
 from fs_pipeline.manifest import Manifest
-from fs_pipeline.models import build_codec, load_codec, open_model_dir
+from fs_pipeline.models import DERIVED_CODEC_BUFFERS, build_codec, load_codec, open_model_dir
 from fs_pipeline.stages import extract
 from fs_pipeline.tiny_model import write_tiny_model
 
@@ -90,9 +90,13 @@ def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chun
         data = work / "data"
         audio_seconds = write_clips(data, clips, model_dir.version.sample_rate, max_seconds)
         codec = load_codec(model_dir, choice)
-        # upstream runs the library's own layers (off CUDA, load_codec swaps in faster Snake activations)
-        upstream_codec = build_codec(model_dir.codec_cfg).to(choice.device).eval()
-        upstream_codec.load_state_dict(codec.state_dict())
+        # upstream runs the library's own layers from the file (load_codec folds weight norm and, off CUDA,
+        # swaps in faster Snake activations)
+        upstream_codec = build_codec(model_dir.codec_cfg).eval()
+        state = torch.load(model_dir.path / "codec.pth", map_location="cpu", weights_only=True)
+        missing, unexpected = upstream_codec.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.endswith(DERIVED_CODEC_BUFFERS) for k in missing), (missing, unexpected)
+        upstream_codec = upstream_codec.to(choice.device)
         upstream_style(data, upstream_codec, choice.device, model_dir.version.sample_rate, upstream_chunk)  # warm-up
         synchronize(choice.device)
 
