@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,6 +108,9 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 @click.option("--from-stage", type=click.Choice(STAGES), default="prepare", show_default=True, help="First stage to run.")
 @click.option("--to-stage", type=click.Choice(STAGES), default="synthesize", show_default=True, help="Last stage to run.")
 @click.option("--force-stage", type=click.Choice(STAGES), help="Redo this stage and those after it, even if up to date.")
+@click.option("--gpus", type=click.IntRange(min=1), default=None,
+              help="Train on N GPUs of this machine: runs this same command as N processes under torchrun, one per GPU "
+                   "(--batch-size is per GPU).")
 @click.option("--status", is_flag=True, help="Show which stages are done, stale or missing.")
 @click.option("--report", is_flag=True, help="With --status: (re)write results/PROJECT/report.md.")
 @device_options
@@ -132,7 +136,12 @@ def main(**flags) -> None:
       python finetune_tts.py --project P --data-dir recordings/ --full-pipeline --split-long --auto-transcribe
       python finetune_tts.py --project P --status
     """
-    setup_logging()
+    main_process = is_main_process()
+    setup_logging(quiet=not main_process)  # under torchrun, rank 0 speaks for every process
+    if flags["gpus"] is not None:
+        if not (flags["do_train"] or flags["full_pipeline"]):
+            raise click.UsageError("--gpus N trains on N GPUs: use it with --train or --full-pipeline")
+        relaunch_on_gpus(flags["gpus"])
     actions = [flags[a] for a in ("check_model", "download_model", "extract_tokens", "do_train", "list_checkpoints", "review",
                                   "merge_weights", "full_pipeline", "prepare_data", "status")]
     if not any(actions):
@@ -156,7 +165,7 @@ def main(**flags) -> None:
             return
 
     stages = requested_stages(flags)
-    if recalled:
+    if recalled and main_process:
         click.echo(f"Project {project.name} remembers: {' '.join(recalled)} (pass a flag to override it)")
     if stages:
         project_of(flags)
@@ -343,6 +352,23 @@ def merge_settings(flags) -> merge.MergeSettings:
                                scale=flags["merge_scale"])
 
 
+def is_main_process() -> bool:
+    """False in torchrun's processes other than rank 0 (read here, not from fs_pipeline.distributed, which needs torch)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def relaunch_on_gpus(gpus: int) -> None:
+    """--gpus N: this command again, less --gpus, as N processes under torchrun; exits with torchrun's status."""
+    from fs_pipeline.distributed import torchrun_command
+
+    process = subprocess.Popen(torchrun_command(__file__, sys.argv[1:], gpus))
+    while True:
+        try:
+            sys.exit(process.wait())
+        except KeyboardInterrupt:  # Ctrl+C reached torchrun and its processes too: they save a checkpoint and stop
+            continue
+
+
 def run_pipeline(project: Project, model_dir, choice, flags, stages: tuple[str, str]) -> None:
     """Every command that writes into a project runs here: the same stages, guards, lock and manifest."""
     from fs_pipeline import pipeline
@@ -358,17 +384,24 @@ def run_pipeline(project: Project, model_dir, choice, flags, stages: tuple[str, 
         prepare=prepare_stage, extract=extract_settings(flags, dataset), pack=pack_settings(flags, dataset),
         train=train_settings(flags), merge=merge_settings(flags), from_stage=first, to_stage=last, force_stage=flags["force_stage"],
     )
-    click.echo(f"Device: {choice.describe()}")
+    main_process = is_main_process()
+    if main_process:
+        click.echo(f"Device: {choice.describe()}")
     result = pipeline.run(settings, model_dir, choice, project)
+    if not main_process:  # rank 0 reports for every process; the others only share its exit status
+        if result.interrupted:
+            sys.exit(EXIT_CODES[result.interrupted])
+        return
     for stage in STAGES:
         if stage in result.details:
             click.echo(STAGE_LINES[stage](result.details[stage], project))
     for warning in result.qa_warnings:
         click.secho(f"QA warning: {warning}", fg="yellow")
     if result.interrupted:
+        processes = result.details["train"].processes  # a resume needs as many
         click.secho(
             f"Stopped by {result.interrupted} in training at step {result.train_step}; continue with:\n"
-            f"  python finetune_tts.py --project {quote(project.name)} --train --resume-latest",
+            f"  python finetune_tts.py --project {quote(project.name)} --train --resume-latest" + (f" --gpus {processes}" if processes > 1 else ""),
             fg="yellow",
         )
         sys.exit(EXIT_CODES[result.interrupted])
@@ -399,7 +432,8 @@ def _train_line(result: train.TrainResult, project) -> str:
     losses = f"train loss {result.train_loss:.4f}" if result.train_loss is not None else "no steps needed"
     if result.val_loss is not None:
         losses += f", validation loss {result.val_loss:.4f}"
-    return f"Trained to step {result.step} ({losses}). Checkpoints: {project.dir / 'checkpoints'}"
+    batch = f"effective batch {result.effective_batch}" + (f" over {result.processes} processes" if result.processes > 1 else "")
+    return f"Trained to step {result.step} ({losses}; {batch}). Checkpoints: {project.dir / 'checkpoints'}"
 
 
 def _merge_line(result: merge.MergeResult, project) -> str:

@@ -8,16 +8,18 @@ results/<project>/checkpoints/step_000000100.ckpt is a torch.save'd dict (loaded
     lora_config {"r", "alpha", "dropout"}
     base_model  {"identity": content hash of the base model's files, "version": "s1-mini"}
     optimizer, scheduler    their state dicts
-    rng         {"python": random.getstate(), "torch": CPU generator state, "cuda": [per-device states],
-                 "cpu_threads": torch's CPU thread count}
+    rng         {"python": random.getstate(), "torch": CPU generator state, "cuda": the current GPU's generator state
+                 (a list of every GPU's in checkpoints of older versions), "cpu_threads": torch's CPU thread count}
     data        {"consumed": training examples drawn so far (the data-loader position)}
     metrics     {"train_loss", "val_loss", ...} at this step
+    processes   how many training processes (GPUs) made it: 1 without torchrun, and where older checkpoints lack it
+    effective_batch  examples per optimizer step: batch size x processes x accumulation steps
     run         what made it: {"settings": the training settings that decide the result, "base": base identity,
                 "version", "data": content hash of the packed data}; a resume must match it
     created_at  ISO time
 
 Beside each checkpoint, step_000000100.json (written after it, atomically) holds its step, time, size,
-metrics and run record, so listing, choosing and pruning never load a checkpoint. A checkpoint without
+metrics, run record and number of processes, so listing, choosing and pruning never load a checkpoint. A checkpoint without
 one (written by an older version) gets it on first listing; one whose size differs from its record is
 loaded, so a damaged file is still found.
 
@@ -57,7 +59,8 @@ def rng_state() -> dict:
     and the CPU thread count (it decides how CPU sums are split, and so their last bits)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state(), "cpu_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the current GPU's alone: every GPU's would start a CUDA context on each GPU in each of torchrun's processes
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -68,7 +71,10 @@ def restore_rng(state: dict) -> None:
     if "cpu_threads" in state:
         torch.set_num_threads(state["cpu_threads"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state["cuda"], list):  # every GPU's, as older versions saved them
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 def metadata_path(checkpoint: Path) -> Path:
@@ -86,7 +92,7 @@ def save(folder: Path, payload: dict) -> Path:
 
 def _write_metadata(path: Path, payload: dict) -> dict:
     record = {"step": payload["step"], "created_at": payload["created_at"], "size": path.stat().st_size,
-              "metrics": payload.get("metrics", {}), "run": payload.get("run")}
+              "metrics": payload.get("metrics", {}), "run": payload.get("run"), "processes": payload.get("processes", 1)}
     write_json_atomic(metadata_path(path), record)
     return record
 
@@ -114,6 +120,7 @@ class CheckpointInfo:
     wer: float | None
     similarity: float | None  # of its test clips to the training voice (speaker embeddings)
     run: dict | None
+    processes: int = 1  # training processes (GPUs) that made it
 
     @property
     def combined(self) -> float | None:
@@ -138,7 +145,7 @@ def info(path: Path) -> CheckpointInfo:
         record = _write_metadata(path, load(path))
     metrics = record["metrics"]
     return CheckpointInfo(path, record["step"], record["size"] / 1e6, record["created_at"], metrics.get("val_loss"), metrics.get("wer"),
-                          metrics.get("similarity"), record.get("run"))
+                          metrics.get("similarity"), record.get("run"), record.get("processes", 1))
 
 
 def list_checkpoints(folder: Path) -> list[CheckpointInfo]:
@@ -252,3 +259,15 @@ def check_same_run(recorded: dict | None, source: Path, run: dict) -> None:
     ]
     if differences:
         raise PipelineError(f"{source} was trained with other settings: {', '.join(differences)}: pass the checkpoint's values, {restart}")
+
+
+def check_same_processes(recorded: int, source: Path, processes: int) -> None:
+    """A run continues on as many processes as it was made with: each step's examples are batch size x processes x
+    accumulation, so another number would train on other batches from then on."""
+    if recorded == processes:
+        return
+    how = f"torchrun --nproc-per-node {recorded}" if recorded > 1 else "one process (without torchrun)"
+    raise PipelineError(
+        f"{source} was trained by {recorded} process(es) and this run has {processes}: each step's batch depends on it; resume it "
+        f"with {how}, or pass --force-stage train to start over (the old checkpoints are moved aside)"
+    )

@@ -10,9 +10,11 @@ from loguru import logger
 from fs_pipeline import PipelineError
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """`quiet`: warnings and errors only (the processes of a torchrun other than rank 0, which logs for them)."""
     logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if verbose else "INFO", format="<level>{level: <7}</level> {message}")
+    level = "DEBUG" if verbose else "WARNING" if quiet else "INFO"
+    logger.add(sys.stderr, level=level, format="<level>{level: <7}</level> {message}")
 
 
 def user_errors(fn):

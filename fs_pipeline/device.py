@@ -130,3 +130,12 @@ def flash_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type == "cuda":
         return dtype in (torch.float16, torch.bfloat16) and _cuda_capability(device) >= AMPERE
     return False  # MPS: no flash kernel to rely on
+
+
+def on_local_gpu(choice: DeviceChoice, local_rank: int) -> DeviceChoice:
+    """`choice` moved to the GPU numbered `local_rank`: torchrun's processes on one machine take one GPU each."""
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise PipelineError(f"torchrun started more processes on this machine than the {count} GPU(s) torch sees: "
+                            f"pass --nproc-per-node {count} (or fewer)")
+    return DeviceChoice(torch.device("cuda", local_rank), choice.dtype, f"{choice.reason}; GPU {local_rank} of this machine's {count}")

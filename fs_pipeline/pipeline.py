@@ -6,6 +6,10 @@ manifest (results/<project>/manifest.json): prepare, extract and pack skip what 
 current; train continues from its latest checkpoint while its settings and data are unchanged; merge and
 the test clip are redone only when their inputs changed. A lock on the project stops a second run, and
 a run killed at any moment is continued by running the same command again.
+
+Under torchrun (several GPUs, see fs_pipeline/distributed.py) every process runs this, and rank 0 alone
+holds the lock and writes: it runs the stages before training while the others wait for it, then all of
+them train, and rank 0 alone merges, speaks the test clip and writes the manifest and the report.
 """
 
 import shutil
@@ -16,7 +20,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from fs_pipeline import PipelineError, checkpoints
+from fs_pipeline import PipelineError, checkpoints, distributed
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.lock import project_lock
 from fs_pipeline.manifest import DONE, STAGES, Manifest, settings_record, stage_slice
@@ -98,16 +102,30 @@ def validate(settings: PipelineSettings, model_dir: ModelDir, project: Project) 
 
 
 def run(settings: PipelineSettings, model_dir: ModelDir, choice: DeviceChoice, project: Project) -> PipelineResult:
-    validate(settings, model_dir, project)
-    first, last = STAGES.index(settings.from_stage), STAGES.index(settings.to_stage)
-    forced_from = STAGES.index(settings.force_stage) if settings.force_stage else len(STAGES)
-    project.dir.mkdir(parents=True, exist_ok=True)
-    with project_lock(project.dir, "pipeline"):
-        log_sink = logger.add(project.dir / "logs" / "pipeline.log", rotation="10 MB", retention=5, level="DEBUG")
-        try:
-            return _run_stages(settings, model_dir, choice, project, first, last, forced_from)
-        finally:
-            logger.remove(log_sink)
+    with distributed.session(choice) as (world, choice):
+        validate(settings, model_dir, project)
+        if not world.is_main:
+            return _follow(settings.train, model_dir, choice, project, world)
+        first, last = STAGES.index(settings.from_stage), STAGES.index(settings.to_stage)
+        forced_from = STAGES.index(settings.force_stage) if settings.force_stage else len(STAGES)
+        with distributed.leading(world) as tell:
+            project.dir.mkdir(parents=True, exist_ok=True)
+            with project_lock(project.dir, "pipeline"):
+                log_sink = logger.add(project.dir / "logs" / "pipeline.log", rotation="10 MB", retention=5, level="DEBUG")
+                try:
+                    return _run_stages(settings, model_dir, choice, project, first, last, forced_from, world, tell)
+                finally:
+                    logger.remove(log_sink)
+
+
+def _follow(settings: train.TrainSettings, model_dir, choice, project, world: distributed.World) -> PipelineResult:
+    """A process other than rank 0: wait while rank 0 runs the stages before training, then train with it. It
+    writes nothing into the project."""
+    result = PipelineResult([], [], None, None, None, None)
+    if distributed.follow(world) == "train":
+        trained = result.details["train"] = train.run(settings, model_dir, choice, project, world)
+        result.ran, result.train_step, result.interrupted = ["train"], trained.step, trained.interrupted
+    return result
 
 
 def remember(manifest: Manifest, settings: PipelineSettings, model_dir: ModelDir, stage: str) -> None:
@@ -123,7 +141,8 @@ def remember(manifest: Manifest, settings: PipelineSettings, model_dir: ModelDir
     manifest.save()
 
 
-def _run_stages(settings, model_dir, choice, project, first, last, forced_from) -> PipelineResult:
+def _run_stages(settings, model_dir, choice, project, first, last, forced_from, world=distributed.SINGLE,
+                tell=lambda outcome: None) -> PipelineResult:
     manifest = Manifest(project.manifest_path)
     result = PipelineResult([], [], None, None, None, None)
 
@@ -149,7 +168,7 @@ def _run_stages(settings, model_dir, choice, project, first, last, forced_from) 
             packed = result.details[stage] = pack.run(settings.pack, model_dir, project, manifest)
             did_work, result.qa_warnings = not packed.skipped, packed.warnings
         elif stage == "train":
-            trained = _train(settings.train, model_dir, choice, project, manifest, forced)
+            trained = _train(settings.train, model_dir, choice, project, manifest, forced, world, tell)
             did_work = trained is not None
             if trained is not None:
                 result.details[stage], result.train_step = trained, trained.step
@@ -178,10 +197,12 @@ def _run_stages(settings, model_dir, choice, project, first, last, forced_from) 
     return result
 
 
-def _train(settings: train.TrainSettings, model_dir, choice, project, manifest: Manifest, forced: bool):
+def _train(settings: train.TrainSettings, model_dir, choice, project, manifest: Manifest, forced: bool,
+           world: distributed.World = distributed.SINGLE, tell=lambda outcome: None):
     """Train unless the project already holds a finished run of these settings and data that reached
     max_steps. Returns None when skipped. The train stage itself continues the latest checkpoint, and
-    refuses one of other settings; forcing moves the old run (checkpoints and metrics) aside first."""
+    refuses one of other settings or another number of processes; forcing moves the old run (checkpoints
+    and metrics) aside first. `tell` lets the other processes of a torchrun join the training, or go."""
     ckpt_dir = project.dir / "checkpoints"
     if forced:
         _move_aside_old_run(project)
@@ -189,13 +210,17 @@ def _train(settings: train.TrainSettings, model_dir, choice, project, manifest: 
     latest = checkpoints.latest(ckpt_dir)
     if (not forced and not settings.resume_from and not settings.warm_start_from and latest and latest.step >= settings.max_steps
             and manifest.is_current("train", identity=identity)):
+        tell("done")
         return None
-    train.starting_point(settings, ckpt_dir, identity)  # refuses another run's checkpoints before the stage is marked as running
+    # refuses another run's checkpoints before the stage is marked as running
+    train.starting_point(settings, ckpt_dir, identity, world.size)
     manifest.update("train", identity=identity)
-    result = train.run(settings, model_dir, choice, project)
+    tell("train")
+    result = train.run(settings, model_dir, choice, project, world)
     if not result.interrupted:
         final = checkpoints.latest(ckpt_dir)
-        manifest.complete("train", identity=identity, step=result.step, outputs=manifest.hash_outputs([final.path]))
+        manifest.complete("train", identity=identity, step=result.step, outputs=manifest.hash_outputs([final.path]),
+                          processes=result.processes, effective_batch=result.effective_batch)
     return result
 
 

@@ -12,6 +12,13 @@ The story: load the base, add adapters, build the examples, set up the optimizer
 when resuming; then step until max_steps, validating and checkpointing on the way. Examples are drawn in
 a fixed order (a seeded shuffle per epoch), and a checkpoint records how many were drawn, so a resumed
 run sees exactly the batches an uninterrupted run would.
+
+Several GPUs (torchrun, see fs_pipeline/distributed.py) run this same loop, one process each: a step takes
+the next `batch_size x processes x accumulation` examples of the same order (the effective batch), each
+process its own `batch_size` of them per micro-batch, and DistributedDataParallel sums the adapters'
+gradients, so 2 processes of batch 2 compute the step of 1 process of batch 4. One process is the
+world-size-1 case. Rank 0 alone writes checkpoints, metrics and test clips; a checkpoint records the
+number of processes, and a resume with another number is refused (its steps would see other batches).
 """
 
 import functools
@@ -21,6 +28,7 @@ import math
 import random
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,8 +36,9 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from fs_pipeline import PipelineError, checkpoints
+from fs_pipeline import PipelineError, checkpoints, distributed
 from fs_pipeline.device import DeviceChoice
+from fs_pipeline.distributed import SINGLE, World
 from fs_pipeline.lora import LORA_TARGETS, LoraSettings, add_lora, load_lora_state, lora_state_dict, prepare_for_training
 from fs_pipeline.modeling import IGNORE, forward, frame_index, target_counts
 from fs_pipeline.fileio import file_hash, write_text_atomic
@@ -79,6 +88,8 @@ class TrainResult:
     interrupted: str | None  # the signal's name when stopped by one
     train_loss: float | None
     val_loss: float | None
+    effective_batch: int = 0  # examples per optimizer step: batch_size x processes x accumulation
+    processes: int = 1
 
 
 def run_identity(settings: TrainSettings, model_dir: ModelDir, project: Project) -> dict:
@@ -120,10 +131,10 @@ def check(settings: TrainSettings, model_dir: ModelDir | None = None) -> None:
             raise PipelineError(f"{flag}: checkpoint not found: {path}: list them with --list-checkpoints")
 
 
-def starting_point(settings: TrainSettings, ckpt_dir: Path, identity: dict | None = None) -> Path | None:
+def starting_point(settings: TrainSettings, ckpt_dir: Path, identity: dict | None = None, processes: int = 1) -> Path | None:
     """The checkpoint a run continues: the one asked for, else the latest, checked to come from the same
-    run (`identity`, where given). Never a fresh run over the checkpoints of another (that would mix two
-    runs in one folder)."""
+    run (`identity`, where given) and, while it has steps to go, from as many `processes`. Never a fresh
+    run over the checkpoints of another (that would mix two runs in one folder)."""
     latest = checkpoints.latest(ckpt_dir)
     if settings.warm_start_from:
         if latest is not None:
@@ -136,18 +147,23 @@ def starting_point(settings: TrainSettings, ckpt_dir: Path, identity: dict | Non
         raise PipelineError(f"--resume-latest: no checkpoint in {ckpt_dir} yet: run without it to start training")
     resume = settings.resume_from or (latest.path if latest else None)
     if resume is not None and identity is not None:
-        checkpoints.check_same_run(checkpoints.info(resume).run, resume, identity)
+        found = checkpoints.info(resume)
+        checkpoints.check_same_run(found.run, resume, identity)
+        if found.step < settings.max_steps:
+            checkpoints.check_same_processes(found.processes, resume, processes)
     return resume
 
 
-def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, project: Project) -> TrainResult:
+def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, project: Project, world: World = SINGLE) -> TrainResult:
+    """Train on this process's `choice`; with several processes (`world`), every one of them calls this."""
     check(settings, model_dir)
     lora = replace(LoraSettings.from_name(settings.lora_config), targets=settings.lora_targets)
     ckpt_dir = project.dir / "checkpoints"
     max_length = settings.max_length or model_dir.config["max_seq_len"]
     identity = run_identity(settings, model_dir, project)
+    effective_batch = settings.batch_size * world.size * settings.gradient_accumulation_steps
 
-    resume = starting_point(settings, ckpt_dir, identity)
+    resume = starting_point(settings, ckpt_dir, identity, world.size)
     if resume:
         payload = checkpoints.load(resume)
     elif settings.warm_start_from:
@@ -157,7 +173,7 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
         payload = None
 
     random.seed(settings.seed)
-    torch.manual_seed(settings.seed)  # before the adapters are initialised
+    torch.manual_seed(settings.seed)  # before the adapters are initialised: every process starts from the same ones
     model = prepare_model(model_dir, lora, choice, payload["lora"] if payload else None, resume or settings.warm_start_from)
     if settings.compile:
         compile_blocks(model)
@@ -166,9 +182,13 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     val_examples = _examples(project.data_dir / VAL_FILE, model, max_length, settings.pack_utterances, settings.seed)
     if not train_examples:
         raise PipelineError(f"{project.data_dir / TRAIN_FILE} holds no utterances: check the dataset and rerun --extract-tokens")
-    estimate_memory(model, settings.batch_size, max(len(x[0][0]) for x in train_examples), lora, choice)
+    sizes = _example_sizes(train_examples, model)
+    estimate_memory(model, settings.batch_size, max(len(x[0][0]) for x in train_examples), lora, choice, world.size)
+    if world.is_main:
+        logger.info(f"effective batch: {settings.batch_size} per process x {world.size} process(es) x "
+                    f"{settings.gradient_accumulation_steps} accumulation step(s) = {effective_batch} examples per step")
 
-    scorer = _TestClips(settings, model_dir, choice, project.data_dir) if settings.test_clips else None
+    scorer = _TestClips(settings, model_dir, choice, project.data_dir) if settings.test_clips and world.is_main else None
     # before a resume restores the random state, which scoring may draw from
     if scorer is not None and checkpoints.base_scores(ckpt_dir) is None:
         checkpoints.save_base_scores(ckpt_dir, scorer.score_base(model, ckpt_dir / "base_clips"))
@@ -177,6 +197,7 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
     scaler = choice.grad_scaler()
+    trainer = distributed.wrap(TrainingForward(model), world, choice.device)
     step, consumed = 0, 0
     if resume:
         optimizer.load_state_dict(payload["optimizer"])
@@ -200,6 +221,8 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
                 "lora_config": lora.as_dict(),
                 "base_model": {"identity": identity["base"], "version": model_dir.version.name},
                 "run": identity,
+                "processes": world.size,
+                "effective_batch": effective_batch,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "grad_scaler": scaler.state_dict(),
@@ -211,19 +234,23 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
         checkpoints.prune(ckpt_dir, settings.keep_checkpoints)
         return path
 
-    log = _MetricsLog(project.dir / "logs", step)
+    log = _MetricsLog(project.dir / "logs", step) if world.is_main else None
     stop = _StopSignal()
     val_every = settings.val_every or settings.checkpoint_every
-    last_path, train_loss, val_loss = None, None, None
-    bar = tqdm(total=settings.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    last_path, train_loss, val_loss, stopped_by = None, None, None, 0
+    bar = tqdm(total=settings.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not world.is_main)
     try:
-        while step < settings.max_steps and not stop.name:
+        while step < settings.max_steps and not stopped_by:
             started = time.perf_counter()
-            micro_batches = []
-            for _ in range(settings.gradient_accumulation_steps):
-                micro_batches.append(_batch(train_examples, consumed, settings.batch_size, settings.seed, model, choice.device))
-                consumed += settings.batch_size
-            totals = accumulate_gradients(model, micro_batches, choice, settings.gradient_checkpointing, scaler)
+            # this process's micro-batches of the step's effective batch: the k-th takes the k-th run of
+            # batch_size x processes examples, and in it the rank-th batch_size
+            micro_batches = [
+                _batch(train_examples, consumed + (k * world.size + world.rank) * settings.batch_size, settings.batch_size,
+                       settings.seed, model, choice.device)
+                for k in range(settings.gradient_accumulation_steps)
+            ]
+            positions, counts = _step_sizes(sizes, consumed, effective_batch, settings.seed)
+            totals = accumulate_gradients(model, micro_batches, choice, settings.gradient_checkpointing, scaler, world, trainer, counts)
             scaler.unscale_(optimizer)  # clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             _check_finite(step + 1, totals["loss"], float(grad_norm), ckpt_dir, overflow_skips=scaler.is_enabled())
@@ -232,29 +259,45 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            consumed += effective_batch
             train_loss = totals["loss"]
-            tokens = sum(b.positions for b in micro_batches)
+            stopped_by = distributed.agree_on_signal(stop.number, world, choice.device)
 
             metrics = {
                 "step": step, **totals, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                "tokens_per_second": tokens / (time.perf_counter() - started),
+                "tokens_per_second": positions / (time.perf_counter() - started),  # of all processes together
             }
             if choice.type == "cuda":
-                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            at_checkpoint = step % settings.checkpoint_every == 0 or step == settings.max_steps or stop.name
+                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated(choice.device) / 1e9  # of this process's GPU
+            at_checkpoint = step % settings.checkpoint_every == 0 or step == settings.max_steps or stopped_by
             if val_examples and (step % val_every == 0 or at_checkpoint):
-                val_loss = evaluate(model, val_examples, settings.batch_size, choice)
+                val_loss = evaluate(model, val_examples, settings.batch_size, choice, world)
                 metrics["val_loss"] = val_loss
-            log.write(metrics)
+            if log is not None:
+                log.write(metrics)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
             bar.update(1)
-            if at_checkpoint:
+            if at_checkpoint and world.is_main:
                 last_path = save({"train_loss": train_loss, "val_loss": metrics.get("val_loss")})
+    except torch.OutOfMemoryError as e:
+        raise PipelineError(
+            f"out of GPU memory on {choice.device} at step {step + 1} with --batch-size {settings.batch_size} per GPU: lower "
+            f"--batch-size and raise --gradient-accumulation-steps to keep the effective batch of {effective_batch}, or pass "
+            "--gradient-checkpointing; rerun the same command to continue from the last checkpoint"
+        ) from e
+    except torch.distributed.DistError as e:
+        last = checkpoints.latest(ckpt_dir)
+        raise PipelineError(
+            f"another training process stopped at step {step + 1} ({type(e).__name__}), so this one stopped too; rerun the same "
+            f"command to continue from {last.path if last else 'the start'}"
+        ) from e
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
         stop.restore()
-    return TrainResult(step, last_path, stop.name, train_loss, val_loss)
+    interrupted = signal.Signals(stopped_by).name if stopped_by else None
+    return TrainResult(step, last_path, interrupted, train_loss, val_loss, effective_batch, world.size)
 
 
 def _check_finite(step: int, loss: float, grad_norm: float, ckpt_dir: Path, overflow_skips: bool = False) -> None:
@@ -345,13 +388,27 @@ class Batch:
     codebook_targets: int  # targets of the codebook loss
 
 
+def _drawn(count: int, consumed: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of the `batch_size` examples after `consumed` of the endless stream of seeded per-epoch shuffles
+    of `count` examples."""
+    return [_order(count, position // count, seed)[position % count] for position in range(consumed, consumed + batch_size)]
+
+
 def _batch(examples, consumed: int, batch_size: int, seed: int, model, device) -> Batch:
     """The batch after `consumed` examples of the endless stream of seeded per-epoch shuffles."""
-    picks = []
-    for position in range(consumed, consumed + batch_size):
-        epoch, index = divmod(position, len(examples))
-        picks.append(examples[_order(len(examples), epoch, seed)[index]])
-    return _pad(picks, model, device)
+    return _pad([examples[i] for i in _drawn(len(examples), consumed, batch_size, seed)], model, device)
+
+
+def _example_sizes(examples, model) -> list[tuple[int, int, int]]:
+    """(positions, token targets, codebook targets) of each example, so that every process knows the counts of a
+    whole effective batch, whose examples it mostly does not pad or run."""
+    return [(x.shape[1], *(int(n) for n in target_counts(model, y[None]))) for x, y in examples]
+
+
+def _step_sizes(sizes, consumed: int, count: int, seed: int) -> tuple[int, tuple[int, int]]:
+    """(positions, (token targets, codebook targets)) of the `count` examples after `consumed`."""
+    drawn = [sizes[i] for i in _drawn(len(sizes), consumed, count, seed)]
+    return sum(d[0] for d in drawn), (sum(d[1] for d in drawn), sum(d[2] for d in drawn))
 
 
 def _pad(picks, model, device) -> Batch:
@@ -369,46 +426,67 @@ def _pad(picks, model, device) -> Batch:
                  int(tokens), int(codebook_targets))
 
 
+class TrainingForward(torch.nn.Module):
+    """modeling.forward as a module: DistributedDataParallel needs the forward to go through a module's call
+    to know which backward to all-reduce."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, labels, frames, gradient_checkpointing: bool = False):
+        return forward(self.model, inputs, labels, frames, gradient_checkpointing)
+
+
 def accumulate_gradients(model, batches: list[Batch], choice: DeviceChoice, gradient_checkpointing: bool = False,
-                         scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """Backward over the micro-batches of one optimizer step, token-weighted: each loss is the sum of its
-    per-target losses over the whole effective batch divided by the effective batch's number of targets
-    (for the token and the codebook loss each), so 4 micro-batches of 1 give the gradients of one batch
-    of 4. Returns the step's losses and top-5 accuracy."""
-    tokens = max(1, sum(b.tokens for b in batches))
-    targets = max(1, sum(b.codebook_targets for b in batches))
+                         scaler: torch.amp.GradScaler | None = None, world: World = SINGLE, trainer: torch.nn.Module | None = None,
+                         counts: tuple[int, int] | None = None) -> dict[str, float]:
+    """Backward over this process's micro-batches of one optimizer step, token-weighted: each loss is the sum
+    of its per-target losses over the whole effective batch divided by the effective batch's number of
+    targets (`counts`: token and codebook targets of all processes' micro-batches; by default, those of
+    `batches`), so 4 micro-batches of 1 give the gradients of one batch of 4, and so do 2 processes with 2
+    micro-batches of 1 each. `trainer` runs the forward: distributed.wrap(TrainingForward(model)) on several
+    processes. Returns the step's losses and top-5 accuracy over the effective batch."""
+    tokens, targets = counts or (sum(b.tokens for b in batches), sum(b.codebook_targets for b in batches))
+    tokens, targets = max(1, tokens), max(1, targets)
+    trainer = trainer or TrainingForward(model)
     sums = torch.zeros(3, device=choice.device)
-    for batch in batches:
-        with choice.autocast():
-            result = forward(model, batch.inputs, batch.labels, batch.frames, gradient_checkpointing)
-        loss = result.token_loss_sum / tokens + result.codebook_loss_sum / targets
-        (scaler.scale(loss) if scaler else loss).backward()
+    for index, batch in enumerate(batches):
+        # DDP all-reduces the gradients once, in the backward of the step's last micro-batch
+        with distributed.no_sync(trainer) if index < len(batches) - 1 else nullcontext():
+            with choice.autocast():
+                result = trainer(batch.inputs, batch.labels, batch.frames, gradient_checkpointing)
+            # DDP averages the processes' gradients; times their number, that is their sum: the effective batch's
+            loss = (result.token_loss_sum / tokens + result.codebook_loss_sum / targets) * world.size
+            (scaler.scale(loss) if scaler else loss).backward()
         hits = result.top5_accuracy * result.tokens
         sums += torch.stack([result.token_loss_sum.detach(), result.codebook_loss_sum.detach(), hits.detach()]).float()
-    token_sum, codebook_sum, hits = sums.tolist()  # one wait for the GPU per step
+    token_sum, codebook_sum, hits = distributed.all_sum(sums, world).tolist()  # one wait for the GPU per step
     return {"loss": token_sum / tokens + codebook_sum / targets, "token_loss": token_sum / tokens,
             "codebook_loss": codebook_sum / targets, "top5_accuracy": hits / tokens}
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size: int, choice: DeviceChoice) -> float:
-    """Loss over the held-out examples, token-weighted as in training, so it does not depend on the batch size."""
+def evaluate(model, examples, batch_size: int, choice: DeviceChoice, world: World = SINGLE) -> float:
+    """Loss over the held-out examples, token-weighted as in training, so it does not depend on the batch size
+    or on the number of processes, which each take every world.size-th example."""
     was_training = model.training
     model.eval()
-    sums, tokens, targets = torch.zeros(2, device=choice.device), 0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = _pad(examples[start : start + batch_size], model, choice.device)
+    share = examples[world.rank :: world.size]
+    sums = torch.zeros(4, device=choice.device)  # token and codebook loss sums, their target counts
+    for start in range(0, len(share), batch_size):
+        batch = _pad(share[start : start + batch_size], model, choice.device)
         with choice.autocast():
             result = forward(model, batch.inputs, batch.labels, batch.frames)
-        sums += torch.stack([result.token_loss_sum, result.codebook_loss_sum]).float()
-        tokens, targets = tokens + batch.tokens, targets + batch.codebook_targets
+        sums += torch.stack([result.token_loss_sum, result.codebook_loss_sum, result.tokens, result.codebook_targets]).float()
     model.train(was_training)
-    token_sum, codebook_sum = sums.tolist()
+    token_sum, codebook_sum, tokens, targets = distributed.all_sum(sums, world).tolist()
     return token_sum / max(1, tokens) + codebook_sum / max(1, targets)
 
 
-def estimate_memory(model, batch_size: int, length: int, lora: LoraSettings, choice: DeviceChoice) -> float:
-    """A rough peak-memory estimate in GB; warns with a batch size that fits when the device has less."""
+def estimate_memory(model, batch_size: int, length: int, lora: LoraSettings, choice: DeviceChoice, processes: int = 1) -> float:
+    """A rough peak-memory estimate in GB for one GPU (each of `processes` holds the whole model and its own
+    batch_size); warns with a batch size per GPU that fits when the device has less."""
     config = model.config
     weight_bytes = sum(p.numel() * (4 if p.requires_grad else p.element_size()) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -420,9 +498,11 @@ def estimate_memory(model, batch_size: int, length: int, lora: LoraSettings, cho
     available = _device_memory(choice)
     if available and total > 0.9 * available:
         fits = max(1, int((0.9 * available - weight_bytes - optimizer_bytes) // per_sample))
+        more_gpus = " or more GPUs" if processes > 1 else ""
         logger.warning(
-            f"estimated peak memory {total / 1e9:.1f} GB exceeds the {available / 1e9:.1f} GB on {choice.device}: "
-            f"try --batch-size {fits} (with --gradient-accumulation-steps to keep the effective batch) or --gradient-checkpointing"
+            f"estimated peak memory per GPU {total / 1e9:.1f} GB exceeds the {available / 1e9:.1f} GB of {choice.device}: "
+            f"try --batch-size {fits} (per GPU; with --gradient-accumulation-steps{more_gpus} to keep the effective batch) "
+            "or --gradient-checkpointing"
         )
     return total / 1e9
 
@@ -526,14 +606,15 @@ def _logged_step(line: str) -> float:
 
 
 class _StopSignal:
-    """Turns SIGINT/SIGTERM into a flag, so the loop can save a checkpoint and stop cleanly."""
+    """Turns SIGINT/SIGTERM into a flag (the signal's number; 0 for none), so the loop can save a checkpoint and
+    stop cleanly."""
 
     def __init__(self):
-        self.name = None
+        self.number = 0
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame):
-        self.name = signal.Signals(signum).name
+        self.number = signum
 
     def restore(self):
         for sig, handler in self.previous.items():
