@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fs_pipeline import PipelineError
-from fs_pipeline.models import InPlaceSnake, build_codec, build_llm, load_codec, load_llm, model_identity, open_model_dir
+from fs_pipeline.models import DERIVED_CODEC_BUFFERS, InPlaceSnake, build_codec, build_llm, load_codec, load_llm, model_identity, open_model_dir
 
 
 def logits_of(llm) -> torch.Tensor:
@@ -53,14 +53,17 @@ def test_codec_round_trip_shapes(tiny_model_dir, cpu):
     assert decoded.shape[-1] == codes.shape[2] * codec.frame_length
 
 
-def test_in_place_snakes_give_the_library_codecs_values_exactly(tiny_model_dir, cpu):
+def test_in_place_snakes_and_folded_weight_norm_give_the_library_codecs_values_exactly(tiny_model_dir, cpu):
     from dac.nn.layers import Snake1d
 
     codec = load_codec(tiny_model_dir, cpu)
     assert any(isinstance(m, InPlaceSnake) for m in codec.modules())
     assert not any(isinstance(m, Snake1d) for m in codec.modules())
-    library = build_codec(tiny_model_dir.codec_cfg).eval()
-    library.load_state_dict(codec.state_dict())  # same keys: alpha stays where it was
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in codec.modules())  # weight norm folded
+    library = build_codec(tiny_model_dir.codec_cfg).eval()  # the library's layers, weight norm on every call
+    state = torch.load(tiny_model_dir.path / "codec.pth", map_location="cpu", weights_only=True)
+    missing, unexpected = library.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith(DERIVED_CODEC_BUFFERS) for k in missing)
     rate = tiny_model_dir.version.sample_rate
     audio, lengths = 0.3 * torch.randn(2, 1, rate), torch.tensor([rate, rate // 2])
     with torch.inference_mode():
