@@ -14,6 +14,7 @@ bf16 counts only where the GPU has it natively: torch's default check also count
 pre-Ampere GPUs report and which is no faster than fp32. Asking for a precision the device lacks is an error.
 """
 
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -130,6 +131,13 @@ def flash_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type == "cuda":
         return dtype in (torch.float16, torch.bfloat16) and _cuda_capability(device) >= AMPERE
     return False  # MPS: no flash kernel to rely on
+
+
+def compiles_by_default(choice: DeviceChoice) -> bool:
+    """Whether training compiles its transformer blocks unless told otherwise: on CUDA GPUs of Volta or later under
+    Linux, where inductor's Triton kernels run (Triton has no Windows build), the compiled blocks take about half
+    the time and less memory than eager ones (benchmarks/RESULTS.md); elsewhere compiling costs more than it gives."""
+    return choice.type == "cuda" and sys.platform == "linux" and _cuda_capability(choice.device) >= VOLTA
 
 
 def on_local_gpu(choice: DeviceChoice, local_rank: int) -> DeviceChoice:

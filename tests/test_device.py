@@ -5,7 +5,7 @@ import torch
 from fs_pipeline import PipelineError
 from fs_pipeline import device as device_module
 from fs_pipeline import modeling
-from fs_pipeline.device import flash_attention_available, select_device
+from fs_pipeline.device import compiles_by_default, flash_attention_available, select_device
 from fs_pipeline.models import load_llm
 from tests.test_modeling import LOGITS, batch_rows, pad
 
@@ -155,3 +155,13 @@ def test_autocast_lets_fp32_lora_run_on_bf16_base_weights():
     with bf16_cpu.autocast():
         out = layer(x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("gpu, platform, compiles", [
+    ("H100", "linux", True), ("T4", "linux", True), ("P100", "linux", False), ("H100", "win32", False),
+])
+def test_training_compiles_by_default_on_cuda_gpus_under_linux_only(machine, monkeypatch, gpu, platform, compiles):
+    machine(cuda=GPUS[gpu])
+    monkeypatch.setattr(device_module.sys, "platform", platform)
+    assert compiles_by_default(select_device()) == compiles
+    assert not compiles_by_default(select_device("cpu"))
