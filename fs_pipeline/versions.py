@@ -50,18 +50,22 @@ class ModelVersion:
     codec_block_sizes: frozenset[int] = frozenset({16384, 4096})
 
 
+# The modded DAC codec that both generations use: the classes of fish-speech's modded_dac_vq config.
+MODDED_DAC_CLASSES = frozenset({
+    "fish_speech.models.dac.modded_dac.DAC",
+    "fish_speech.models.dac.rvq.DownsampleResidualVectorQuantize",
+    "fish_speech.models.dac.modded_dac.WindowLimitedTransformer",
+    "fish_speech.models.dac.modded_dac.ModelArgs",
+})
+MODDED_DAC_PARTIAL_CLASSES = frozenset({"fish_speech.models.dac.modded_dac.ModelArgs"})
+
 MODEL_VERSIONS = {
     "s1-mini": ModelVersion(
         name="s1-mini",
         model_type="dual_ar",
         codec_config="modded_dac_vq",
-        codec_classes=frozenset({
-            "fish_speech.models.dac.modded_dac.DAC",
-            "fish_speech.models.dac.rvq.DownsampleResidualVectorQuantize",
-            "fish_speech.models.dac.modded_dac.WindowLimitedTransformer",
-            "fish_speech.models.dac.modded_dac.ModelArgs",
-        }),
-        codec_partial_classes=frozenset({"fish_speech.models.dac.modded_dac.ModelArgs"}),
+        codec_classes=MODDED_DAC_CLASSES,
+        codec_partial_classes=MODDED_DAC_PARTIAL_CLASSES,
         sample_rate=44100,
         license="CC-BY-NC-SA-4.0 (Fish Audio openaudio-s1-mini weights: non-commercial use only)",
         hub=HubRelease(
@@ -76,13 +80,8 @@ MODEL_VERSIONS = {
         name="s2-pro",
         model_type="fish_qwen3_omni",
         codec_config="modded_dac_vq",  # the same codec family as s1-mini's: same classes, codebooks and rate
-        codec_classes=frozenset({
-            "fish_speech.models.dac.modded_dac.DAC",
-            "fish_speech.models.dac.rvq.DownsampleResidualVectorQuantize",
-            "fish_speech.models.dac.modded_dac.WindowLimitedTransformer",
-            "fish_speech.models.dac.modded_dac.ModelArgs",
-        }),
-        codec_partial_classes=frozenset({"fish_speech.models.dac.modded_dac.ModelArgs"}),
+        codec_classes=MODDED_DAC_CLASSES,
+        codec_partial_classes=MODDED_DAC_PARTIAL_CLASSES,
         sample_rate=44100,
         license="Fish Audio Research License (Fish Audio s2-pro weights: non-commercial use only, attribution required, "
                 "outputs not to be used to train other foundation models)",
