@@ -49,15 +49,19 @@ class ForwardResult:
     codebook_targets: torch.Tensor  # frames x num_codebooks
 
 
+def is_semantic(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """Where `ids` are semantic tokens: the positions of audio frames (a frame's first code as a token id)."""
+    return (ids >= tokenizer.semantic_begin_id) & (ids <= tokenizer.semantic_end_id)
+
+
 def embed(model, inputs: torch.Tensor) -> torch.Tensor:
     config = model.config
     offsets = torch.arange(config.num_codebooks, device=inputs.device)[None, :, None] * config.codebook_size
     codebook_sum = model.codebook_embeddings(inputs[:, 1:] + offsets).sum(dim=1)
-    tokenizer = model.tokenizer
-    is_semantic = (inputs[:, 0] >= tokenizer.semantic_begin_id) & (inputs[:, 0] <= tokenizer.semantic_end_id)
-    x = model.embeddings(inputs[:, 0]) + codebook_sum * is_semantic[..., None]
+    frames = is_semantic(model.tokenizer, inputs[:, 0])
+    x = model.embeddings(inputs[:, 0]) + codebook_sum * frames[..., None]
     if config.scale_codebook_embeddings:
-        x = torch.where(is_semantic[..., None], x / math.sqrt(config.num_codebooks + 1), x)
+        x = torch.where(frames[..., None], x / math.sqrt(config.num_codebooks + 1), x)
     return x
 
 
@@ -147,8 +151,7 @@ def head_losses(head, states: torch.Tensor, targets: torch.Tensor, vocabulary: i
 
 
 def _is_frame(model, labels: torch.Tensor) -> torch.Tensor:
-    ids = labels[:, 0]
-    return (ids >= model.tokenizer.semantic_begin_id) & (ids <= model.tokenizer.semantic_end_id)
+    return is_semantic(model.tokenizer, labels[:, 0])
 
 
 def frame_index(model, labels: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ text. Which format a model has follows from its tokenizer: s2-pro's is fs_pipeli
 
 import torch
 
-IGNORE = -100
+from fs_pipeline.modeling import IGNORE, is_semantic
 
 
 class InterleaveFormat:
@@ -107,8 +107,7 @@ class ChatFormat:
         values, loss = self._encode(tokenizer, turns, num_codebooks)
         target = values[:, 1:].clone()
         target[:, ~loss[1:]] = IGNORE
-        is_frame = (target[0] >= tokenizer.semantic_begin_id) & (target[0] <= tokenizer.semantic_end_id)
-        target[1:, ~is_frame] = IGNORE
+        target[1:, ~is_semantic(tokenizer, target[0])] = IGNORE
         return values[:, :-1], target
 
     def prompt_values(self, tokenizer, turns, num_codebooks):

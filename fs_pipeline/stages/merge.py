@@ -37,7 +37,7 @@ from fs_pipeline import PipelineError, checkpoints, s2pro
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.fileio import atomic_path, file_hash, write_json_atomic
 from fs_pipeline.lora import LoraSettings, adapted_layers, add_lora, load_lora_state, lora_state_dict, set_adapter_scale
-from fs_pipeline.modeling import fast_forward, slow_forward
+from fs_pipeline.modeling import fast_forward, is_semantic, slow_forward
 from fs_pipeline.models import (
     CODEC_CONFIG_FILE, MODEL_CARD, ModelDir, build_llm, load_llm, load_llm_weights, model_identity, open_model_dir, read_weights,
 )
@@ -209,7 +209,7 @@ def probe_batch(model) -> tuple[torch.Tensor, torch.Tensor]:
 def probe_logits(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token logits and codebook logits of the probe, flattened into one vector."""
     token_logits, hidden = slow_forward(model, inputs)
-    frames = (labels[:, 0] >= model.tokenizer.semantic_begin_id) & (labels[:, 0] <= model.tokenizer.semantic_end_id)
+    frames = is_semantic(model.tokenizer, labels[:, 0])
     codebook_logits = fast_forward(model, hidden[frames], labels[:, 1:].transpose(1, 2)[frames])
     return torch.cat([token_logits.flatten(), codebook_logits.flatten()]).float()
 
