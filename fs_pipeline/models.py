@@ -58,11 +58,14 @@ class ModelDir:
         return self.config["num_codebooks"]
 
     @property
+    def sharded(self) -> bool:
+        """Whether the LLM weights are safetensors shards named by an index (weights_file), as S2-Pro's release has them."""
+        return self.weights_file.name == s2pro.INDEX_FILE
+
+    @property
     def weight_files(self) -> list[Path]:
         """Every file the LLM weights are in."""
-        if self.weights_file.name == s2pro.INDEX_FILE:
-            return [self.weights_file, *s2pro.shard_files(self.path)]
-        return [self.weights_file]
+        return [self.weights_file, *s2pro.shard_files(self.path)] if self.sharded else [self.weights_file]
 
     @property
     def license(self) -> str:

@@ -182,7 +182,7 @@ def merged_weights(model) -> dict[str, torch.Tensor]:
 def _write_model_dir(folder: Path, model_dir: ModelDir, state: dict) -> None:
     """The base's files in `folder` (a staging directory, renamed into place whole), with `state` as the LLM weights
     in the base's layout: sharded safetensors with their index for a sharded base, else model.pth."""
-    if model_dir.weights_file.name == s2pro.INDEX_FILE:
+    if model_dir.sharded:
         s2pro.write_sharded(folder, state)
     else:
         torch.save(state, folder / "model.pth")
