@@ -11,7 +11,6 @@ The weights' licence is accepted once per model version and remembered in the us
 """
 
 import errno
-import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 from loguru import logger
 
 from fs_pipeline import PipelineError
-from fs_pipeline.fileio import write_json_atomic
+from fs_pipeline.fileio import user_folder, write_json_atomic
 from fs_pipeline.versions import ModelVersion, get_version
 
 RECORD_FILE = "download.json"  # in the model folder; the loader reads only the release's own files
@@ -53,10 +52,6 @@ def default_folder(version_name: str) -> Path:
     return Path("checkpoints") / get_version(version_name).hub.folder
 
 
-def user_config_dir() -> Path:
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "fs-pipeline"
-
-
 def license_lines(version: ModelVersion) -> tuple[str, str]:
     """The weights' licence, in the two lines shown before the first download of a version."""
     hub = version.hub
@@ -69,13 +64,13 @@ def license_lines(version: ModelVersion) -> tuple[str, str]:
 
 def license_accepted(version: ModelVersion, config_dir: Path | None = None) -> bool:
     """Whether the user accepted this version's weights licence on an earlier run (the same licence text)."""
-    accepted = _read_json((config_dir or user_config_dir()) / LICENSES_FILE)
+    accepted = _read_json((config_dir or user_folder("config")) / LICENSES_FILE)
     return accepted.get(version.name, {}).get("license") == version.license
 
 
 def accept_license(version: ModelVersion, config_dir: Path | None = None) -> Path:
     """Remember that the user accepted this version's weights licence. Returns the file that records it."""
-    path = (config_dir or user_config_dir()) / LICENSES_FILE
+    path = (config_dir or user_folder("config")) / LICENSES_FILE
     accepted = _read_json(path)
     accepted[version.name] = {"license": version.license, "license_url": version.hub.license_url,
                               "accepted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -1,4 +1,5 @@
-"""Atomic file writes (a file is complete or absent, never half-written) and content hashes."""
+"""Atomic file writes (a file is complete or absent, never half-written), content hashes, and the user's
+folders of fs-pipeline."""
 
 import hashlib
 import json
@@ -6,6 +7,13 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def user_folder(kind: str, environ=os.environ) -> Path:
+    """fs-pipeline's folder among the user's `kind` ("config" or "cache") folders, by the XDG base directory
+    convention: $XDG_CONFIG_HOME/fs-pipeline (or $XDG_CACHE_HOME/...), else ~/.config/fs-pipeline (~/.cache/...)."""
+    root = environ.get(f"XDG_{kind.upper()}_HOME")
+    return (Path(root) if root else Path.home() / f".{kind}") / "fs-pipeline"
 
 
 def _umask() -> int:

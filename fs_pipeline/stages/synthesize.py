@@ -32,7 +32,7 @@ import torch
 from fs_pipeline import PipelineError
 from fs_pipeline.audio.io import read_wav, write_wav
 from fs_pipeline.device import DeviceChoice
-from fs_pipeline.fileio import atomic_path
+from fs_pipeline.fileio import atomic_path, user_folder
 from fs_pipeline.models import ModelDir, build_llm, load_codec, load_llm, load_llm_weights, model_identity
 from fs_pipeline.prompt import prompt_values
 
@@ -79,9 +79,8 @@ class Synthesis:
 
 def default_compile_cache(environ: dict) -> Path:
     """Where compiled kernels are kept between runs: $XDG_CACHE_HOME/fs-pipeline/compile, or
-    ~/.cache/fs-pipeline/compile where XDG_CACHE_HOME is unset (the XDG base directory convention)."""
-    root = Path(environ["XDG_CACHE_HOME"]) if environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
-    return root / "fs-pipeline" / "compile"
+    ~/.cache/fs-pipeline/compile where XDG_CACHE_HOME is unset."""
+    return user_folder("cache", environ) / "compile"
 
 
 def compile_cache_key(config, codec_cfg, choice: DeviceChoice) -> str:
