@@ -27,10 +27,22 @@ def _score(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if value is not None else "-"
 
 
+def read_metrics(project: Project) -> list[dict]:
+    """The training metrics (logs/metrics.jsonl, one JSON object per step), without a last line still being
+    written (or torn by a kill mid-write)."""
+    path = project.dir / "logs" / "metrics.jsonl"
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def write_report(project: Project, manifest_path: Path, merged_dir: Path | None, test_clip: Path | None) -> Path:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"stages": {}}
-    metrics_file = project.dir / "logs" / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
+    metrics = read_metrics(project)
     qa_file = project.data_dir / "qa.json"
     qa = json.loads(qa_file.read_text()) if qa_file.is_file() else None
     plots = project.dir / "plots"

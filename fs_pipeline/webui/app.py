@@ -288,18 +288,11 @@ def create_app(settings: WebSettings) -> Starlette:
         """What changes while jobs run: the jobs, the stages' status, the training metrics, the checkpoints."""
         from fs_pipeline import checkpoints, pipeline
         from fs_pipeline.manifest import Manifest
+        from fs_pipeline.report import read_metrics
         from fs_pipeline.stages.merge import merged_path
 
         p = existing(request)
-        metrics = []
-        path = p.project.dir / "logs" / "metrics.jsonl"
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a line being written
-                metrics.append({k: row.get(k) for k in ("step", "loss", "val_loss", "tokens_per_second")})
+        metrics = [{k: row.get(k) for k in ("step", "loss", "val_loss", "tokens_per_second")} for row in read_metrics(p.project)]
         folder = p.project.dir / "checkpoints"
         rows = []
         for info in checkpoints.list_checkpoints(folder):
