@@ -2,8 +2,8 @@
 
     torchrun --standalone --nproc-per-node 4 finetune_tts.py --project P --data-dir training_data/NAME --train
 
-torchrun gives each process RANK, WORLD_SIZE and LOCAL_RANK in its environment; `session` reads them (the
-one place that does) and joins the processes into a group: NCCL between CUDA GPUs on Linux, gloo on the
+torchrun gives each process RANK, WORLD_SIZE and LOCAL_RANK in its environment; `session` reads them (so does
+finetune_tts.py, for RANK alone, to keep the other processes quiet before torch is imported) and joins the processes into a group: NCCL between CUDA GPUs on Linux, gloo on the
 CPU and on Windows, where NCCL does not exist. Without torchrun the run is the world-size-1 case of the
 same code: no process group, and every helper here answers as for one process.
 
