@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from fs_pipeline import PipelineError, checkpoints, distributed
-from tests.conftest import REPO, load_script
+from tests.conftest import REPO, cli, load_script
 
 MAX_STEPS, EVERY = 30, 5
 TRAIN = ["--max-steps", str(MAX_STEPS), "--checkpoint-every", str(EVERY), "--learning-rate", "3e-3", "--warmup-steps", "2"]
@@ -187,3 +187,11 @@ def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
     assert (second.device, second.dtype) == (torch.device("cuda", 1), torch.bfloat16)
     with pytest.raises(PipelineError, match=r"more processes on this machine than the 2 GPU\(s\) torch sees: pass --nproc-per-node 2"):
         on_local_gpu(choice, 2)
+
+
+def test_gpus_is_refused_before_any_work_without_a_training_command(workspace):
+    folder, _ = workspace
+    result = cli("--project", "p", "--gpus", "2", "--status")
+    assert result.exit_code == 2
+    assert "--gpus N trains on N GPUs: use it with --train or --full-pipeline" in result.output
+    assert not (folder / "results" / "p").exists()
