@@ -16,12 +16,15 @@ of positions at a time (head_losses): at S1-mini size, 4 rows of 4096 tokens wou
 155776-way logits in fp32 all at once, 10 GB, and as much again for their gradient.
 """
 
+import functools
 import math
+import types
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from fs_pipeline.device import flash_attention_available
@@ -74,6 +77,53 @@ def _run_layers(layers, x, freqs_cis, mask, gradient_checkpointing: bool):
     return x
 
 
+# Kernels for causal attention without a mask, fastest first: at S1-mini's training shapes on an H200, cuDNN's forward
+# and backward took half of flash's time (benchmarks/RESULTS.md, "Training kernels"). SDPA takes the first that runs.
+CAUSAL_KERNELS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
+    """Attention of q (batch, heads, length, dim) over k and v with fewer (grouped) heads. Without a mask, causal, by
+    CAUSAL_KERNELS reading the groups directly (enable_gqa); with one (what causal_mask gives where flash does not
+    run, and KV-cached generation), as fish-speech computes it: keys and values repeated to every head."""
+    if mask is None:
+        with sdpa_kernel(CAUSAL_KERNELS, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def _fish_attention_forward(self, x, freqs_cis, mask, input_pos=None):
+    """fish-speech 0.1.0's Attention.forward (its SDPA branch), attending through `attend`."""
+    from fish_speech.models.text2semantic.llama import apply_rotary_emb
+
+    bsz, seqlen, _ = x.shape
+    q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
+    q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(bsz, seqlen, self.n_head, self.head_dim)
+    k = k.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+    v = v.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+    if self.attention_qk_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if self.kv_cache is not None:
+        k, v = self.kv_cache.update(input_pos, k, v)
+    y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
+    return self.wo(y.transpose(1, 2).contiguous().view(bsz, seqlen, q_size))
+
+
+def use_grouped_attention(model) -> None:
+    """Make S1-mini's slow transformer (fish-speech's modules, which repeat keys and values to every head and force
+    flash) attend through `attend`: the same values, by the faster kernel. S2-Pro's modules (fs_pipeline.s2pro) call
+    `attend` themselves. The fast transformer keeps fish-speech's own arithmetic (its layers don't use SDPA, and at
+    ten positions that arithmetic was the fastest, benchmarks/train_kernels.py)."""
+    for block in model.layers:
+        if getattr(block.attention, "use_sdpa", False):
+            block.attention.forward = types.MethodType(_fish_attention_forward, block.attention)
+
+
 def causal_mask(model, x: torch.Tensor) -> torch.Tensor | None:
     """The slow transformer's attention mask for hidden states x (batch, length, dim). None where SDPA's flash
     kernel exists for x's device and compute dtype: fish-speech then runs flash attention, causal, the fastest
@@ -95,6 +145,13 @@ def slow_hidden(model, inputs: torch.Tensor, gradient_checkpointing: bool = Fals
 
 def token_head(model, normed: torch.Tensor) -> torch.Tensor:
     return F.linear(normed, model.embeddings.weight) if model.config.tie_word_embeddings else model.output(normed)
+
+
+def frozen_head_weight(model) -> torch.Tensor | None:
+    """The token head's matrix when nothing in the head trains (tied to the embeddings, or untied without an
+    adapter), else None."""
+    head = model.embeddings if model.config.tie_word_embeddings else model.output
+    return None if any(p.requires_grad for p in head.parameters()) else head.weight
 
 
 def slow_forward(model, inputs: torch.Tensor, gradient_checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +207,63 @@ def head_losses(head, states: torch.Tensor, targets: torch.Tensor, vocabulary: i
     return loss, hits
 
 
+def cross_entropy_and_gradient(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, top-5 hits, gradient of that sum for the logits, in the logits' dtype) of logits
+    (positions, vocabulary) against targets (IGNORE counts nothing): one pass of fp32 arithmetic over the logits,
+    which torch.compile fuses into two kernels."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=1)
+    valid = targets != IGNORE
+    picked = targets.clamp(min=0)[:, None]
+    own = z.gather(1, picked).squeeze(1)
+    loss = ((lse - own) * valid).sum()
+    hits = (((z > own[:, None]).sum(dim=1) < 5) & valid).sum()
+    columns = torch.arange(z.shape[1], device=z.device)[None, :]
+    gradient = (torch.exp(z - lse[:, None]) - (columns == picked).float()) * valid[:, None]
+    return loss, hits, gradient.to(logits.dtype)
+
+
+@functools.cache
+def _compiled_cross_entropy_and_gradient():
+    return torch.compile(cross_entropy_and_gradient, dynamic=True)
+
+
+class _FrozenHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of states @ weight.T (a frozen head), a slice of positions at a time, with the
+    states' gradient made in the forward pass: each slice's logits exist once, in the states' dtype, and are
+    neither kept for backward nor recomputed."""
+
+    @staticmethod
+    def forward(ctx, states, weight, targets, rows: int, compiled: bool):
+        kernel = _compiled_cross_entropy_and_gradient() if compiled else cross_entropy_and_gradient
+        gradient = torch.empty_like(states)
+        loss, hits = states.new_zeros((), dtype=torch.float32), targets.new_zeros(())
+        for start in range(0, len(states), rows):
+            part = slice(start, start + rows)
+            part_loss, part_hits, logits_gradient = kernel(states[part] @ weight.T, targets[part])
+            gradient[part] = logits_gradient @ weight
+            loss, hits = loss + part_loss, hits + part_hits
+        ctx.save_for_backward(gradient)
+        ctx.mark_non_differentiable(hits)
+        return loss, hits
+
+    @staticmethod
+    def backward(ctx, loss_gradient, hits_gradient):
+        (gradient,) = ctx.saved_tensors
+        return gradient * loss_gradient.to(gradient.dtype), None, None, None, None
+
+
+def frozen_head_losses(weight: torch.Tensor, states: torch.Tensor, targets: torch.Tensor,
+                       chunk_elements: int = LOSS_CHUNK_ELEMENTS, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """head_losses for a head that is a frozen matrix (`weight`, vocabulary x dim), as the token head of the
+    releases is (tied to the token embeddings, which get no adapter): the same sums, with the gradient for the
+    states computed slice by slice in the forward pass instead of recomputing each slice's logits in backward."""
+    rows = max(1, chunk_elements // len(weight))
+    if not (torch.is_grad_enabled() and states.requires_grad):
+        return head_losses(partial(F.linear, weight=weight), states, targets, len(weight), chunk_elements)
+    return _FrozenHeadLoss.apply(states, weight, targets, rows, compiled)
+
+
 def _is_frame(model, labels: torch.Tensor) -> torch.Tensor:
     return is_semantic(model.tokenizer, labels[:, 0])
 
@@ -167,16 +281,21 @@ def target_counts(model, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def forward(model, inputs: torch.Tensor, labels: torch.Tensor, frames: torch.Tensor | None = None,
-            gradient_checkpointing: bool = False, loss_chunk: int | None = LOSS_CHUNK_ELEMENTS) -> ForwardResult:
+            gradient_checkpointing: bool = False, loss_chunk: int | None = LOSS_CHUNK_ELEMENTS,
+            compiled_loss: bool = False) -> ForwardResult:
     """Losses for a batch made by prompt.training_example (padded with 0 inputs and IGNORE labels);
     `frames` is frame_index(model, labels), found here when not given. `loss_chunk` bounds the logits held
-    at once (head_losses; None: the whole batch's, as before)."""
+    at once (head_losses; None: the whole batch's, as before). `compiled_loss` runs the frozen token head's
+    loss arithmetic compiled (frozen_head_losses)."""
     if frames is None:
         frames = frame_index(model, labels)
     tokens, codebook_targets = target_counts(model, labels)
     hidden = slow_hidden(model, inputs, gradient_checkpointing)
-    token_loss_sum, hits = head_losses(partial(token_head, model), model.norm(hidden).flatten(0, 1), labels[:, 0].flatten(),
-                                       model.config.vocab_size, loss_chunk)
+    normed, token_targets, frozen = model.norm(hidden).flatten(0, 1), labels[:, 0].flatten(), frozen_head_weight(model)
+    if frozen is not None and loss_chunk is not None:
+        token_loss_sum, hits = frozen_head_losses(frozen, normed, token_targets, loss_chunk, compiled_loss)
+    else:
+        token_loss_sum, hits = head_losses(partial(token_head, model), normed, token_targets, model.config.vocab_size, loss_chunk)
 
     frame_codes = labels[:, 1:].transpose(1, 2).flatten(0, 1).index_select(0, frames)  # (frames, num_codebooks)
     fast = fast_hidden(model, hidden.flatten(0, 1).index_select(0, frames), frame_codes, gradient_checkpointing)

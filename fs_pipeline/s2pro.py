@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fs_pipeline import PipelineError
+from fs_pipeline.modeling import attend
 
 MODEL_TYPE = "fish_qwen3_omni"
 TOKENIZER_FILE = "tokenizer.json"
@@ -210,10 +211,8 @@ class Attention(nn.Module):
         q, k, v = rotate(q, table).transpose(1, 2), rotate(k, table).transpose(1, 2), v.transpose(1, 2)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(positions, k, v)
-        groups = self.n_head // self.n_local_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         # no mask: plain causal attention (modeling.causal_mask passes None where SDPA's flash kernel exists)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = attend(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(batch, length, -1))
 
 

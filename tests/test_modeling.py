@@ -18,7 +18,7 @@ one, a codebook target off by one, a wrong count) do not touch logits: the loss 
 import pytest
 import torch
 
-from fs_pipeline.modeling import IGNORE, fast_forward, forward, frame_index, slow_forward, target_counts
+from fs_pipeline.modeling import IGNORE, fast_forward, forward, frame_index, slow_forward, target_counts, use_grouped_attention
 from fs_pipeline.models import load_llm
 from fs_pipeline.prompt import prompt_values, training_example
 
@@ -125,8 +125,12 @@ def ours(model, inputs, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return token_logits, frames, fast_forward(model, hidden.flatten(0, 1)[frames], codes)
 
 
-def test_logits_match_fish_speech_inference_at_every_position(tiny_model_dir, cpu, upstream):
+@pytest.mark.parametrize("grouped", [False, True], ids=["fish-speech-attention", "grouped-attention"])
+def test_logits_match_fish_speech_inference_at_every_position(tiny_model_dir, cpu, upstream, grouped):
     model = load_llm(tiny_model_dir, cpu)
+    if grouped:  # as training runs it: modeling.attend reading grouped keys and values
+        use_grouped_attention(model)
+        assert all("forward" in vars(block.attention) for block in model.layers)  # the instances now attend through it
     inputs, labels = pad(model, batch_rows(model))
     with torch.inference_mode():
         token_logits, frames, codebook_logits = ours(model, inputs, labels)
