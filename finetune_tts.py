@@ -6,6 +6,7 @@ import os
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,9 +71,10 @@ EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
               help="torch.compile the transformer blocks: about twice the steps/s after a warm-up of about a minute "
                    "[default: on for CUDA GPUs under Linux, off elsewhere].")
 @click.option("--max-length", type=int, default=None, help="Truncate training sequences to this many tokens [default: the model's max].")
-@click.option("--pack-utterances", is_flag=True,
-              help="Train on rows of several utterances of one speaker, up to --max-length tokens, instead of one per row: "
-                   "little padding and many tokens per step, fast on large GPUs (lower --batch-size: each row is long).")
+@click.option("--pack-utterances/--no-pack-utterances", default=None,
+              help="Train on rows of several utterances of one speaker, up to --max-length tokens (default 4096), instead of one "
+                   "per row: little padding and many tokens per step (each row is long: lower --batch-size on small GPUs) "
+                   "[default: on where training compiles by default and --batch-size such rows fit the GPU's memory].")
 @click.option("--checkpoint-every", default=100, show_default=True)
 @click.option("--val-every", type=int, default=None, help="Validate every N steps [default: --checkpoint-every].")
 @click.option("--keep-checkpoints", default=5, show_default=True,
@@ -337,8 +339,9 @@ def pack_settings(flags, data_dir: Path) -> pack.PackSettings:
     return pack.PackSettings(data_dir, flags["val_fraction"], flags["split_seed"])
 
 
-def train_settings(flags, choice) -> train.TrainSettings:
-    from fs_pipeline import checkpoints
+def train_settings(flags, choice, model_dir) -> train.TrainSettings:
+    """The training settings of the flags; where --compile and --pack-utterances are not given, the fast path where it is
+    safe (device.compiles_by_default, train.packs_by_default), with a line that says so."""
     from fs_pipeline.device import compiles_by_default
     from fs_pipeline.stages import train
 
@@ -346,13 +349,26 @@ def train_settings(flags, choice) -> train.TrainSettings:
         flags["compile_blocks"] = compiles_by_default(choice)
         if flags["compile_blocks"] and is_main_process():
             click.echo("Compiling the transformer blocks (the first steps wait about a minute for it; --no-compile to skip)")
+    settings = _train_settings(flags)
+    if flags["pack_utterances"] is None:
+        flags["pack_utterances"] = train.packs_by_default(settings, model_dir, choice)
+        settings = replace(settings, pack_utterances=flags["pack_utterances"])
+        if settings.pack_utterances and is_main_process():
+            click.echo(f"Packing utterances into rows of up to {train.tokens_per_row(settings, model_dir)} tokens, {settings.batch_size} "
+                       "rows a step (--no-pack-utterances for one utterance a row)")
+    return settings
+
+
+def _train_settings(flags) -> train.TrainSettings:
+    from fs_pipeline import checkpoints
+    from fs_pipeline.stages import train
 
     return train.TrainSettings(
         max_steps=flags["max_steps"], batch_size=flags["batch_size"], learning_rate=flags["learning_rate"],
         gradient_accumulation_steps=flags["gradient_accumulation_steps"], lora_config=flags["lora_config"],
         lora_targets=flags["lora_targets"],
         warmup_steps=flags["warmup_steps"], lr_schedule=flags["lr_schedule"], gradient_checkpointing=flags["gradient_checkpointing"],
-        compile=flags["compile_blocks"], max_length=flags["max_length"], pack_utterances=flags["pack_utterances"],
+        compile=flags["compile_blocks"], max_length=flags["max_length"], pack_utterances=bool(flags["pack_utterances"]),
         checkpoint_every=flags["checkpoint_every"], val_every=flags["val_every"], keep_checkpoints=flags["keep_checkpoints"],
         seed=flags["seed"], resume_from=flags["resume_from_checkpoint"], resume_latest=flags["resume_latest"],
         warm_start_from=checkpoints.resolve(flags["checkpoint_path"]) if flags["checkpoint_path"] else None,
@@ -398,7 +414,7 @@ def run_pipeline(project: Project, model_dir, choice, flags, stages: tuple[str, 
         prepare_stage = prepare_settings(flags, (str(data_dir),), dataset, speaker, model_dir.version.sample_rate)
     settings = pipeline.PipelineSettings(
         prepare=prepare_stage, extract=extract_settings(flags, dataset), pack=pack_settings(flags, dataset),
-        train=train_settings(flags, choice), merge=merge_settings(flags), from_stage=first, to_stage=last, force_stage=flags["force_stage"],
+        train=train_settings(flags, choice, model_dir), merge=merge_settings(flags), from_stage=first, to_stage=last, force_stage=flags["force_stage"],
     )
     main_process = is_main_process()
     if main_process:

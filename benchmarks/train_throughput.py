@@ -18,8 +18,10 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend
 
 from benchmarks.common import append_result, model_shape, peak_flops, publish, training_flops
+from fs_pipeline import modeling
 from fs_pipeline.device import select_device
 from fs_pipeline.modeling import frame_index
 from fs_pipeline.models import open_model_dir
@@ -56,7 +58,8 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
 
     def step(index: int) -> None:
         batch = train._batch(examples, index * settings.batch_size, settings.batch_size, 0, model, choice.device)
-        train.accumulate_gradients(model, [batch], choice, settings.gradient_checkpointing)  # the train stage's own step
+        train.accumulate_gradients(model, [batch], choice, settings.gradient_checkpointing,  # the train stage's own step
+                                   trainer=train.TrainingForward(model, settings.compile))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -103,10 +106,14 @@ def model_flops_utilization(settings, model_dir, project, choice, tokens_per_sec
 @click.option("--max-length", type=int, default=None, help="Row length in tokens [default: 4096, or the model's max if lower].")
 @click.option("--device", default=None)
 @click.option("--profile", is_flag=True, help="Also profile the run with torch.profiler and record the top kernels.")
+@click.option("--attention", type=click.Choice(["cudnn", "flash"]), default="cudnn", show_default=True,
+              help="The slow transformer's causal attention kernel: modeling.CAUSAL_KERNELS as it is (cuDNN first), or flash only.")
 @click.option("--no-record", is_flag=True, help="Print only; don't append to RESULTS.md (smoke tests).")
 def main(llm_size, batch_size, frames, steps, gradient_checkpointing, compile_blocks, lora_config, pack_utterances, max_length, device,
-         profile, no_record):
+         profile, attention, no_record):
     choice = select_device(device)
+    if attention == "flash":
+        modeling.CAUSAL_KERNELS[:] = [SDPBackend.FLASH_ATTENTION]
     work = Path(tempfile.mkdtemp(prefix="fs-bench-train-"))
     try:
         model_dir = open_model_dir(write_tiny_model(work / "model", llm_size=llm_size))
@@ -133,7 +140,7 @@ def main(llm_size, batch_size, frames, steps, gradient_checkpointing, compile_bl
         rows = f"rows of up to {max_length} tokens (packed utterances)" if pack_utterances else f"~{frames + 40} tokens"
         caption = (f"{llm_size} LLM (random weights), LoRA {lora_config}, {choice.precision}, batch {batch_size} x {rows}, "
                    f"gradient checkpointing {'on' if gradient_checkpointing else 'off'}, compiled blocks {'on' if compile_blocks else 'off'}, "
-                   f"{steps} steps (tokens/s from step 3 on)")
+                   f"{steps} steps (tokens/s from step 3 on), attention {attention}")
         publish("Training throughput", choice.device, caption, ["trainer", "tokens/s", "MFU", "peak GPU memory (GB)", "final loss"],
                 [["fs-pipeline", f"{tokens_per_second:.0f}", mfu, f"{peak:.1f}", f"{metrics[-1]['loss']:.3f}"]], record=not no_record)
     finally:

@@ -112,7 +112,8 @@ def ours(model_dir, batches, warmup: int, compile_blocks: bool, choice, loss_chu
 
     def step(batch) -> tuple[float, int]:
         with choice.autocast():
-            loss = forward(model, *(batch[key].to(choice.device) for key in ("inputs", "labels", "frames")), loss_chunk=loss_chunk).loss
+            loss = forward(model, *(batch[key].to(choice.device) for key in ("inputs", "labels", "frames")), loss_chunk=loss_chunk,
+                           compiled_loss=compile_blocks).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -201,8 +201,8 @@ def test_listing_and_pruning_read_the_small_records_not_the_checkpoints(tmp_path
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(project, tiny_model_dir, cpu, monkeypatch):
     calls = {"n": 0}
 
-    def nan_at_step_3(model, inputs, labels, frames, *args):
-        result = forward(model, inputs, labels, frames, *args)
+    def nan_at_step_3(model, inputs, labels, frames, *args, **kwargs):
+        result = forward(model, inputs, labels, frames, *args, **kwargs)
         calls["n"] += model.training  # training steps only, not validation
         if model.training and calls["n"] == 3:
             result.token_loss_sum = result.token_loss_sum * float("nan")
@@ -423,8 +423,8 @@ class _OverflowingGradient(torch.autograd.Function):
 def overflow_at_training_step(monkeypatch, step: int) -> None:
     calls = {"n": 0}
 
-    def forward_overflowing(model, inputs, labels, frames, *args):
-        result = forward(model, inputs, labels, frames, *args)
+    def forward_overflowing(model, inputs, labels, frames, *args, **kwargs):
+        result = forward(model, inputs, labels, frames, *args, **kwargs)
         calls["n"] += model.training  # training steps only, not validation
         if model.training and calls["n"] == step:
             result.token_loss_sum = _OverflowingGradient.apply(result.token_loss_sum)
@@ -460,3 +460,20 @@ def test_fp16_overflow_skips_its_step_and_resume_restores_the_gradient_scaler(pr
     assert losses(resumed) == losses(project)
     # the halved scale carried over, not a fresh scaler's
     assert saved(resumed, 4)["grad_scaler"] == saved(project, 4)["grad_scaler"] != torch.amp.GradScaler("cpu").state_dict()
+
+
+def test_packing_is_the_default_on_the_fast_path_where_the_rows_fit(tiny_model_dir, cpu, monkeypatch):
+    settings = train.TrainSettings(batch_size=4)
+    assert not train.packs_by_default(settings, tiny_model_dir, cpu)  # off the fast path: one utterance a row
+    monkeypatch.setattr(train, "compiles_by_default", lambda choice: True)
+    model = train.prepare_model(tiny_model_dir, LoraSettings(), cpu)
+    packed = replace(settings, pack_utterances=True)
+    need = train.estimate_memory(model, 4, train.tokens_per_row(packed, tiny_model_dir), LoraSettings(), cpu) * 1e9
+    monkeypatch.setattr(train, "_device_memory", lambda choice: need / 0.9 * 1.01)
+    assert train.packs_by_default(settings, tiny_model_dir, cpu)
+    monkeypatch.setattr(train, "_device_memory", lambda choice: need / 0.9 * 0.99)
+    assert not train.packs_by_default(settings, tiny_model_dir, cpu)
+    # packed rows are PACKED_ROW_TOKENS long unless --max-length or the model says less
+    assert train.tokens_per_row(packed, tiny_model_dir) == min(train.PACKED_ROW_TOKENS, tiny_model_dir.config["max_seq_len"])
+    assert train.tokens_per_row(replace(packed, max_length=100), tiny_model_dir) == 100
+    assert train.tokens_per_row(settings, tiny_model_dir) == tiny_model_dir.config["max_seq_len"]

@@ -37,10 +37,10 @@ from loguru import logger
 from tqdm import tqdm
 
 from fs_pipeline import PipelineError, checkpoints, distributed
-from fs_pipeline.device import DeviceChoice
+from fs_pipeline.device import DeviceChoice, compiles_by_default
 from fs_pipeline.distributed import SINGLE, World
 from fs_pipeline.lora import LORA_TARGETS, LoraSettings, add_lora, load_lora_state, lora_state_dict, prepare_for_training
-from fs_pipeline.modeling import IGNORE, forward, frame_index, target_counts
+from fs_pipeline.modeling import IGNORE, forward, frame_index, target_counts, use_grouped_attention
 from fs_pipeline.fileio import file_hash, write_text_atomic
 from fs_pipeline.models import ModelDir, build_llm, load_llm_weights, model_identity
 from fs_pipeline.packed import read_protos
@@ -62,8 +62,8 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (fuses the many small LoRA and norm kernels)
-    max_length: int | None = None  # default: the model's max_seq_len
-    pack_utterances: bool = False  # rows of several utterances of one speaker, up to max_length tokens
+    max_length: int | None = None  # default: tokens_per_row
+    pack_utterances: bool = False  # rows of several utterances of one speaker, up to max_length tokens (packs_by_default)
     checkpoint_every: int = 100
     val_every: int | None = None  # default: checkpoint_every
     keep_checkpoints: int = 5
@@ -75,6 +75,9 @@ class TrainSettings:
     test_clips_whisper_model: str = "base"
     test_clips_max_frames: int = 400  # each test clip's length limit in frames (about 19 s at S1-mini's 21.5 per second)
 
+
+# Tokens per packed row unless --max-length says otherwise: the rows of the measured fast path (benchmarks/RESULTS.md).
+PACKED_ROW_TOKENS = 4096
 
 # What decides which examples a run sees and how its weights move: a resumed run must have the same values.
 # The rest may change between a run and its resume (max_steps is the total to train to).
@@ -160,7 +163,7 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     check(settings, model_dir)
     lora = replace(LoraSettings.from_name(settings.lora_config), targets=settings.lora_targets)
     ckpt_dir = project.dir / "checkpoints"
-    max_length = settings.max_length or model_dir.config["max_seq_len"]
+    max_length = tokens_per_row(settings, model_dir)
     identity = run_identity(settings, model_dir, project)
     effective_batch = settings.batch_size * world.size * settings.gradient_accumulation_steps
 
@@ -198,7 +201,7 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
     scaler = choice.grad_scaler()
-    trainer = distributed.wrap(TrainingForward(model), world, choice.device)
+    trainer = distributed.wrap(TrainingForward(model, settings.compile), world, choice.device)
     step, consumed = 0, 0
     if resume:
         optimizer.load_state_dict(payload["optimizer"])
@@ -319,6 +322,7 @@ def prepare_model(model_dir: ModelDir, lora: LoraSettings, choice: DeviceChoice,
     model = build_llm(model_dir)
     load_llm_weights(model, model_dir)
     add_lora(model, lora)
+    use_grouped_attention(model)
     if lora_state is not None:
         load_lora_state(model, lora_state, source)
     prepare_for_training(model, choice.device, choice.dtype)
@@ -412,10 +416,16 @@ def _step_sizes(sizes, consumed: int, count: int, seed: int) -> tuple[int, tuple
     return sum(d[0] for d in drawn), (sum(d[1] for d in drawn), sum(d[2] for d in drawn))
 
 
+# Batches are right-padded to a multiple of this many positions (never past the model's max): fewer shapes for the
+# compiled blocks and for cuDNN's attention, which builds a plan for each new one. Real positions never see padding.
+PAD_MULTIPLE = 64
+
+
 def _pad(picks, model, device) -> Batch:
-    """Examples right-padded to the longest, moved to `device`. Frame positions and target counts are found
+    """Examples right-padded to the longest (rounded up to PAD_MULTIPLE), moved to `device`. Frame positions and target counts are found
     here on the CPU, so that the GPU never waits for the host."""
-    length = max(x.shape[1] for x, _ in picks)
+    longest = max(x.shape[1] for x, _ in picks)
+    length = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, model.config.max_seq_len)
     rows = picks[0][0].shape[0]
     inputs = torch.zeros(len(picks), rows, length, dtype=torch.long)
     labels = torch.full((len(picks), rows, length), IGNORE, dtype=torch.long)
@@ -431,12 +441,13 @@ class TrainingForward(torch.nn.Module):
     """modeling.forward as a module: DistributedDataParallel needs the forward to go through a module's call
     to know which backward to all-reduce."""
 
-    def __init__(self, model):
+    def __init__(self, model, compiled: bool = False):
         super().__init__()
         self.model = model
+        self.compiled = compiled  # the loss arithmetic compiled, as the blocks are (compile_blocks)
 
     def forward(self, inputs, labels, frames, gradient_checkpointing: bool = False):
-        return forward(self.model, inputs, labels, frames, gradient_checkpointing)
+        return forward(self.model, inputs, labels, frames, gradient_checkpointing, compiled_loss=self.compiled)
 
 
 def accumulate_gradients(model, batches: list[Batch], choice: DeviceChoice, gradient_checkpointing: bool = False,
@@ -485,9 +496,28 @@ def evaluate(model, examples, batch_size: int, choice: DeviceChoice, world: Worl
     return token_sum / max(1, tokens) + codebook_sum / max(1, targets)
 
 
-def estimate_memory(model, batch_size: int, length: int, lora: LoraSettings, choice: DeviceChoice, processes: int = 1) -> float:
-    """A rough peak-memory estimate in GB for one GPU (each of `processes` holds the whole model and its own
-    batch_size); warns with a batch size per GPU that fits when the device has less."""
+def tokens_per_row(settings: TrainSettings, model_dir: ModelDir) -> int:
+    """Tokens per training row: --max-length, else PACKED_ROW_TOKENS for packed rows, else the model's max."""
+    if settings.max_length:
+        return settings.max_length
+    return min(PACKED_ROW_TOKENS, model_dir.config["max_seq_len"]) if settings.pack_utterances else model_dir.config["max_seq_len"]
+
+
+def packs_by_default(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice) -> bool:
+    """Whether training packs utterances unless told otherwise: on the fast path (where it compiles by default), when
+    batch_size packed rows fit the GPU by estimate_memory, reckoned on the model built without its weights."""
+    if not compiles_by_default(choice):
+        return False
+    with torch.device("meta"):
+        model = build_llm(model_dir)
+        add_lora(model, replace(LoraSettings.from_name(settings.lora_config), targets=settings.lora_targets))
+    packed = replace(settings, pack_utterances=True)
+    total, _, _ = _memory_bytes(model, settings.batch_size, tokens_per_row(packed, model_dir), choice)
+    return total <= 0.9 * _device_memory(choice)
+
+
+def _memory_bytes(model, batch_size: int, length: int, choice: DeviceChoice) -> tuple[int, int, int]:
+    """(total, weights and optimizer state, each row) of a rough peak-memory estimate for one GPU."""
     config = model.config
     weight_bytes = sum(p.numel() * (4 if p.requires_grad else p.element_size()) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -495,10 +525,16 @@ def estimate_memory(model, batch_size: int, length: int, lora: LoraSettings, cho
     act_bytes_per_token = (config.n_layer + config.n_fast_layer * config.num_codebooks) * config.dim * 16 * (2 if choice.dtype != torch.float32 else 4) // 2
     logits_bytes_per_token = config.vocab_size * 4 * 2
     per_sample = length * (act_bytes_per_token + logits_bytes_per_token)
-    total = weight_bytes + optimizer_bytes + batch_size * per_sample
+    return weight_bytes + optimizer_bytes + batch_size * per_sample, weight_bytes + optimizer_bytes, per_sample
+
+
+def estimate_memory(model, batch_size: int, length: int, lora: LoraSettings, choice: DeviceChoice, processes: int = 1) -> float:
+    """A rough peak-memory estimate in GB for one GPU (each of `processes` holds the whole model and its own
+    batch_size); warns with a batch size per GPU that fits when the device has less."""
+    total, fixed, per_sample = _memory_bytes(model, batch_size, length, choice)
     available = _device_memory(choice)
     if available and total > 0.9 * available:
-        fits = max(1, int((0.9 * available - weight_bytes - optimizer_bytes) // per_sample))
+        fits = max(1, int((0.9 * available - fixed) // per_sample))
         more_gpus = " or more GPUs" if processes > 1 else ""
         logger.warning(
             f"estimated peak memory per GPU {total / 1e9:.1f} GB exceeds the {available / 1e9:.1f} GB of {choice.device}: "
