@@ -7,14 +7,18 @@ order in chunks of up to 64 padded to the longest, each file decoded on the main
 chunk is encoded. Re-implemented here from that description (its own script fails on the S1-mini codec,
 it reads a sample-rate attribute the modded DAC lacks). Ours: fs_pipeline.stages.extract, clips batched
 by length, decoded in DataLoader workers. Both encode the same synthetic clips (2-20 s of noisy tones)
-with the same codec weights, loaded once beforehand, in the same run (upstream with the library's own
-layers, ours as load_codec gives it); the codec file's hash, which our first run computes once and later
-runs reuse, is taken before timing. --full-codec uses the release-size codec
-with random weights.
+with the same codec weights, loaded beforehand, in the same run (upstream with the library's own layers,
+ours as load_codec gives it, one copy per kind of Snake and of compilation); the codec file's hash, which
+our first run computes once and later runs reuse, is taken before timing. --full-codec uses the
+release-size codec with random weights.
 
-Each of our rows runs twice, timed the second time (with --compile-encoder the first run compiles the
-encoder on CUDA, for any length). "codes as upstream" is the share of code entries equal to those of
-upstream's fp32 run.
+Each row, upstream's included, runs twice, timed the second time ("first run" is the first: it includes
+the warm-up of the codec's first calls, and the encoder's compilation with --compile-encoder). Our rows
+cover every combination of --batch-sizes, --snakes (the codec's Snake activations: fused on CUDA, as
+load_codec gives them, or the library's; off CUDA both are load_codec's in-place Snake) and, with
+--compile-encoder, eager and compiled. "codes as upstream" is the share of code entries equal to those of
+upstream's fp32 run. On CUDA, --snakes with both kinds also times one activation alone, and --profile lists
+the CUDA kernels of one batch's encode by time.
 """
 
 import shutil
@@ -32,7 +36,7 @@ from fs_pipeline.audio.io import read_wav
 from fs_pipeline.device import select_device
 from fs_pipeline.fileio import file_hash
 from fs_pipeline.manifest import Manifest
-from fs_pipeline.models import DERIVED_CODEC_BUFFERS, build_codec, load_codec, open_model_dir
+from fs_pipeline.models import DERIVED_CODEC_BUFFERS, FusedSnake, build_codec, load_codec, open_model_dir
 from fs_pipeline.stages import extract
 from fs_pipeline.tiny_model import write_tiny_model
 
@@ -71,6 +75,46 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def time_activations(library_codec, fused_codec, device, sample_rate: int, seconds: float = 10.0, batch: int = 16) -> None:
+    """The encoder's first Snake (64 channels at the full sample rate) alone, the library's against the fused one."""
+    library, fused = (next(m for m in codec.encoder.modules() if "Snake" in type(m).__name__) for codec in (library_codec, fused_codec))
+    x = torch.randn(batch, library.alpha.shape[1], int(seconds * sample_rate), device=device)
+    results = {}
+    with torch.inference_mode():
+        for name, activation in (("library's", library), ("fused", fused)):
+            for _ in range(3):  # warm-up: Triton's compile, TorchScript's profiling runs
+                activation(x)
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(10):
+                results[name] = activation(x)
+            synchronize(device)
+            seconds_each = (time.perf_counter() - start) / 10
+            gbps = 2 * x.numel() * x.element_size() / seconds_each / 1e9
+            click.echo(f"Snake over {tuple(x.shape)}, {name} ({type(activation).__name__}): {seconds_each * 1e3:.2f} ms, "
+                       f"{gbps:.0f} GB/s if it read and wrote the tensor once")
+    equal = (results["library's"] == results["fused"]).float().mean().item()
+    diff = (results["library's"] - results["fused"]).abs().max().item()
+    click.echo(f"fused vs library's Snake: {equal:.4%} of values equal, max |difference| {diff:.2e}")
+
+
+def profile_encode(codec, data: Path, device, sample_rate: int, batch_size: int) -> None:
+    """The CUDA kernels of one encode of `batch_size` clips (the first in listing order), by total time."""
+    audios = [torch.from_numpy(read_wav(f, sample_rate)) for f in sorted(data.rglob("*.wav"))[:batch_size]]
+    batch = torch.zeros(len(audios), 1, max(len(a) for a in audios))
+    for row, audio in enumerate(audios):
+        batch[row, 0, : len(audio)] = audio
+    batch, lengths = batch.to(device), torch.tensor([len(a) for a in audios], device=device)
+    with torch.inference_mode():
+        codec.encode(batch, lengths)  # warm-up
+        synchronize(device)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            codec.encode(batch, lengths)
+            synchronize(device)
+    click.echo(f"Profile of one encode ({len(audios)} clips, {batch.shape[-1] / sample_rate:.1f} s each padded):")
+    click.echo(profiler.key_averages().table(sort_by="device_time_total", row_limit=15, max_name_column_width=70))
+
+
 @click.command()
 @click.option("--full-codec", is_flag=True, help="Release-size codec (random weights) instead of the tiny one.")
 @click.option("--clips", default=48, show_default=True)
@@ -80,25 +124,45 @@ def synchronize(device):
 @click.option("--upstream-chunk", default=64, show_default=True,
               help="Files per upstream batch (upstream uses 64; lower it where 64 long clips don't fit in GPU memory).")
 @click.option("--compile-encoder", is_flag=True, help="Also time ours with the encoder compiled (ExtractSettings.compile).")
+@click.option("--snakes", default="fused", show_default=True,
+              help="Our codec's Snake activations to measure: fused (load_codec's default: fused on CUDA), library, or both.")
+@click.option("--profile", is_flag=True, help="On CUDA, list the kernels of one encode (first --batch-sizes, first --snakes).")
 @click.option("--device", default=None)
 @click.option("--no-record", is_flag=True, help="Print only; don't append to RESULTS.md (smoke tests).")
-def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chunk, compile_encoder, device, no_record):
+def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chunk, compile_encoder, snakes, profile,
+         device, no_record):
+    snakes = snakes.split(",")
+    assert set(snakes) <= {"fused", "library"}, snakes
     choice = select_device(device)
     work = Path(tempfile.mkdtemp(prefix="fs-bench-extract-"))
     try:
         model_dir = open_model_dir(write_tiny_model(work / "model", full_codec=full_codec))
         data = work / "data"
         audio_seconds = write_clips(data, clips, model_dir.version.sample_rate, max_seconds)
-        codec = load_codec(model_dir, choice)
-        # upstream runs the library's own layers from the file (load_codec folds weight norm and, off CUDA,
-        # swaps in faster Snake activations)
+        # upstream runs the library's own layers from the file (load_codec folds weight norm and swaps in
+        # faster Snake activations)
         upstream_codec = build_codec(model_dir.codec_cfg).eval()
         state = torch.load(model_dir.path / "codec.pth", map_location="cpu", weights_only=True)
         missing, unexpected = upstream_codec.load_state_dict(state, strict=False)
         assert not unexpected and all(k.endswith(DERIVED_CODEC_BUFFERS) for k in missing), (missing, unexpected)
         upstream_codec = upstream_codec.to(choice.device)
-        upstream_style(data, upstream_codec, choice.device, model_dir.version.sample_rate, upstream_chunk)  # warm-up
+        start = time.perf_counter()
+        upstream_style(data, upstream_codec, choice.device, model_dir.version.sample_rate, upstream_chunk)  # first run
         synchronize(choice.device)
+        upstream_first_rate = audio_seconds / (time.perf_counter() - start)
+
+        codecs = {}  # (snakes, compiled) -> codec: compiling changes the codec's encoder in place
+
+        def codec_for(snake: str, compiled: bool):
+            if (snake, compiled) not in codecs:
+                codecs[snake, compiled] = load_codec(model_dir, choice, fused_snake=snake == "fused")
+            return codecs[snake, compiled]
+
+        if choice.type == "cuda" and len(snakes) == 2:
+            time_activations(codec_for("library", False), codec_for("fused", False), choice.device, model_dir.version.sample_rate)
+        if profile and choice.type == "cuda":
+            profile_encode(codec_for(snakes[0], False), data, choice.device, model_dir.version.sample_rate,
+                           int(batch_sizes.split(",")[0]))
 
         rows = []
         start = time.perf_counter()
@@ -107,27 +171,37 @@ def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chun
         upstream_rate = audio_seconds / (time.perf_counter() - start)
         wavs = sorted(data.rglob("*.wav"))
         reference = {wav: np.load(wav.with_suffix(".npy")) for wav in wavs}
-        rows.append((f"upstream approach (chunks of {upstream_chunk}, listing order, main-thread decode)", "library's, eager", upstream_rate, 1.0))
-        for batch_size in [int(b) for b in batch_sizes.split(",")]:
-            for compiled in [False, True] if compile_encoder else [False]:
-                settings = extract.ExtractSettings(data, batch_size=batch_size, num_workers=num_workers, compile=compiled)
-                file_hash(model_dir.path / "codec.pth")  # a first run hashes the codec once (1-2 s at full size)
-                for attempt in ("warm-up", "timed"):
-                    (data / extract.CODES_RECORD).unlink(missing_ok=True)  # no records: every clip is extracted
-                    manifest = Manifest(work / f"manifest-{batch_size}-{compiled}-{attempt}.json")
-                    start = time.perf_counter()
-                    extract.run(settings, model_dir, choice, manifest, codec)
-                    synchronize(choice.device)
-                    seconds = time.perf_counter() - start
-                same = np.mean(np.concatenate([(np.load(wav.with_suffix(".npy")) == reference[wav]).ravel() for wav in wavs]))
-                encoder = "weight norm folded, " + ("compiled" if compiled and choice.type == "cuda" else "eager")
-                rows.append((f"fs-pipeline, batch {batch_size} (at most {settings.max_batch_seconds:.0f} audio-s), {num_workers} workers", encoder,
-                             audio_seconds / seconds, same))
+        rows.append((f"upstream approach (chunks of {upstream_chunk}, listing order, main-thread decode)", "library's, eager",
+                     upstream_first_rate, upstream_rate, 1.0))
+        variants = [(b, s, c) for b in [int(b) for b in batch_sizes.split(",")] for s in snakes
+                    for c in ([False, True] if compile_encoder else [False])]
+        for batch_size, snake, compiled in variants:
+            codec = codec_for(snake, compiled)
+            settings = extract.ExtractSettings(data, batch_size=batch_size, num_workers=num_workers, compile=compiled)
+            file_hash(model_dir.path / "codec.pth")  # a first run hashes the codec once (1-2 s at full size)
+            rates = []
+            for attempt in ("first", "timed"):
+                (data / extract.CODES_RECORD).unlink(missing_ok=True)  # no records: every clip is extracted
+                manifest = Manifest(work / f"manifest-{batch_size}-{snake}-{compiled}-{attempt}.json")
+                start = time.perf_counter()
+                extract.run(settings, model_dir, choice, manifest, codec)
+                synchronize(choice.device)
+                rates.append(audio_seconds / (time.perf_counter() - start))
+            same = np.mean(np.concatenate([(np.load(wav.with_suffix(".npy")) == reference[wav]).ravel() for wav in wavs]))
+            on_gpu = choice.type == "cuda"
+            encoder = ", ".join(["weight norm folded",
+                                 "fused Snake" if any(isinstance(m, FusedSnake) for m in codec.modules()) else "library's Snake" if on_gpu else "in-place Snake",
+                                 "compiled" if compiled and on_gpu else "eager"])
+            rows.append((f"fs-pipeline, batch {batch_size} (at most {settings.max_batch_seconds:.0f} audio-s), {num_workers} workers", encoder,
+                         *rates, same))
+            click.echo(f"batch {batch_size}, {encoder}: {rates[1]:.1f} audio-s/s ({rates[1] / upstream_rate:.2f}x upstream; "
+                       f"first run {rates[0]:.1f}), {same:.2%} of codes as upstream")  # in case a later row runs out of time
 
         codec_name = "full-size S1-mini codec, random weights" if full_codec else "tiny codec"
         publish("Extraction throughput", choice.device, f"{clips} clips, {audio_seconds:.0f} s of audio, {codec_name}",
-                ["extractor", "encoder", "audio-s/s", "× upstream", "codes as upstream"],
-                [[name, encoder, f"{rate:.1f}", f"{rate / upstream_rate:.2f}", f"{same:.2%}"] for name, encoder, rate, same in rows],
+                ["extractor", "encoder", "first run audio-s/s", "audio-s/s", "× upstream", "codes as upstream"],
+                [[name, encoder, f"{first:.1f}", f"{rate:.1f}", f"{rate / upstream_rate:.2f}", f"{same:.2%}"]
+                 for name, encoder, first, rate, same in rows],
                 record=not no_record)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -448,9 +448,11 @@ def _build(node, source, key: str):
         raise PipelineError(f"{source}: {where} {node['_target_']}: {e}: {_FIX_OR_DELETE}") from e
 
 
-def load_codec(model_dir: ModelDir, choice: DeviceChoice):
+def load_codec(model_dir: ModelDir, choice: DeviceChoice, fused_snake: bool = True):
     """The codec with its release weights, weight norm folded, in eval mode. It runs in fp32: it is small next to the LLM,
-    and its quantizer's nearest-codeword search is sensitive to rounding."""
+    and its quantizer's nearest-codeword search is sensitive to rounding. Its Snake activations are computed by
+    FusedSnake on CUDA where Triton works there (`fused_snake=False` keeps the library's, for comparisons), by
+    InPlaceSnake off CUDA, and by the library's own version otherwise."""
     codec = build_codec(model_dir.codec_cfg, model_dir.version, model_dir.codec_config_file)
     file = model_dir.path / "codec.pth"
     state = _read_state_dict(file)
@@ -461,7 +463,9 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     state = {k: v for k, v in state.items() if not k.endswith(DERIVED_CODEC_BUFFERS)}
     _fill_from_state(codec, state, file, optional=DERIVED_CODEC_BUFFERS)
     if choice.device.type != "cuda":
-        _use_in_place_snakes(codec)
+        _swap_snakes(codec, InPlaceSnake)
+    elif fused_snake and fused_snake_works(choice.device):
+        _swap_snakes(codec, FusedSnake)
     _fold_weight_norm(codec)
     return codec.to(choice.device).eval()
 
@@ -477,6 +481,11 @@ def _fold_weight_norm(codec: torch.nn.Module) -> None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
+def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """dac's Snake1d formula (dac.nn.layers.snake), op for op, in plain torch ops."""
+    return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+
+
 class InPlaceSnake(torch.nn.Module):
     """dac's Snake1d activation, x + sin(alpha * x)^2 / alpha, computed in one temporary. The library's
     TorchScript version allocates a tensor per op wherever TorchScript doesn't fuse it (CPU, MPS); this
@@ -490,14 +499,90 @@ class InPlaceSnake(torch.nn.Module):
         return (x * self.alpha).sin_().square_().mul_((self.alpha + 1e-9).reciprocal()).add_(x)
 
 
-def _use_in_place_snakes(codec: torch.nn.Module) -> None:
-    """Swaps every Snake1d for an InPlaceSnake holding the same alpha (state-dict keys unchanged)."""
+class FusedSnake(torch.nn.Module):
+    """dac's Snake1d activation on CUDA as one Triton kernel (fused_snake): it reads the feature map once and
+    writes it once, where the library's runs an elementwise kernel per op wherever TorchScript doesn't fuse
+    them. Where autograd records, or torch.compile traces (which fuses the formula itself), it computes the
+    library's formula in torch ops."""
+
+    def __init__(self, alpha: torch.nn.Parameter):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return snake(x, self.alpha)
+        return fused_snake(x, self.alpha)
+
+
+SNAKE_BLOCK = 1024  # elements of one (batch, channel) row per Triton program
+MAX_GRID_ROWS = 65535  # CUDA's limit on a grid's second dimension
+
+
+@functools.cache
+def _snake_kernel():
+    """The Triton kernel, built on first use: Triton is imported only where a FusedSnake runs."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def snake_kernel(x_ptr, alpha_ptr, out_ptr, first_row, channels, length, BLOCK: tl.constexpr):
+        row = tl.program_id(1)
+        columns = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = columns < length
+        alpha = tl.load(alpha_ptr + (first_row + row) % channels)
+        offsets = row.to(tl.int64) * length + columns
+        x = tl.load(x_ptr + offsets, mask=inside)
+        sine = tl.sin(alpha * x)  # libdevice's sinf on NVIDIA, as torch's
+        # div_rn: IEEE division, as torch's reciprocal (Triton's `/` is approximate)
+        tl.store(out_ptr + offsets, x + tl.div_rn(1.0, alpha + 1e-9) * (sine * sine), mask=inside)
+
+    return snake_kernel
+
+
+def fused_snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """snake(x, alpha) for x of shape (batch, channels, ...) and alpha of shape (1, channels, 1), in one pass:
+    op for op as the library's formula, each rounded alone (no fused multiply-add), so equal to it within fp32
+    rounding (Triton flushes denormals to zero)."""
+    x, alpha = x.contiguous(), alpha.contiguous()
+    rows, channels = x.shape[0] * x.shape[1], x.shape[1]
+    length = x[0, 0].numel()
+    out = torch.empty_like(x)
+    flat_x, flat_out = x.view(rows, length), out.view(rows, length)
+    for first in range(0, rows, MAX_GRID_ROWS):
+        count = min(MAX_GRID_ROWS, rows - first)
+        grid = ((length + SNAKE_BLOCK - 1) // SNAKE_BLOCK, count)
+        _snake_kernel()[grid](flat_x[first:], alpha, flat_out[first:], first, channels, length, BLOCK=SNAKE_BLOCK,
+                              enable_fp_fusion=False)
+    return out
+
+
+@functools.cache
+def fused_snake_works(device: torch.device) -> bool:
+    """Whether fused_snake runs on `device` and gives snake()'s values there (checked once per device). It
+    needs Triton, a C compiler for Triton's launcher, and a GPU that Triton supports; where any is missing,
+    the codec keeps the library's activation."""
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x = (4 * torch.randn(2, 3, 5000, generator=generator)).to(device)
+        alpha = (0.5 + torch.rand(1, 3, 1, generator=generator)).to(device)
+        with torch.inference_mode():
+            torch.testing.assert_close(fused_snake(x, alpha), snake(x, alpha))
+    except Exception as e:  # ImportError, Triton's compile and launch errors, a wrong value: all mean "don't use it"
+        logger.warning(f"the codec keeps the library's Snake activation on {device}: the fused one failed its check "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return False
+    return True
+
+
+def _swap_snakes(codec: torch.nn.Module, cls) -> None:
+    """Swaps every Snake1d for a `cls` holding the same alpha (state-dict keys unchanged)."""
     from dac.nn.layers import Snake1d
 
     for module in list(codec.modules()):
         for name, child in module.named_children():
             if isinstance(child, Snake1d):
-                setattr(module, name, InPlaceSnake(child.alpha))
+                setattr(module, name, cls(child.alpha))
 
 
 def model_identity(model_dir: ModelDir, hash_file=file_hash) -> str:

@@ -1,13 +1,15 @@
+import importlib.util
 import shutil
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
-from fs_pipeline import PipelineError
+from fs_pipeline import PipelineError, models
 from fs_pipeline.dataset import Clip
 from fs_pipeline.manifest import Manifest
-from fs_pipeline.models import open_model_dir
+from fs_pipeline.models import FusedSnake, open_model_dir
 from fs_pipeline.stages import extract
 from fs_pipeline.tiny_model import write_tiny_model
 
@@ -105,3 +107,46 @@ def test_undecodable_clip_is_named(dataset, tiny_model_dir, cpu, tmp_path):
 def test_missing_dataset(tmp_path, tiny_model_dir, cpu):
     with pytest.raises(PipelineError, match="dataset not found"):
         run(tmp_path / "nothing", tiny_model_dir, cpu, Manifest(tmp_path / "m.json"))
+
+
+@pytest.fixture
+def interpreted_triton(monkeypatch):
+    """The Snake kernel built for Triton's interpreter, which runs it on CPU tensors."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed here")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    models._snake_kernel.cache_clear()
+    yield
+    models._snake_kernel.cache_clear()  # the next user builds it for the GPU again
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 1000), (2, 64, 4096), (1, 1, 1)])
+def test_the_fused_snake_kernel_gives_the_library_snakes_values(interpreted_triton, shape):
+    from dac.nn.layers import snake
+
+    generator = torch.Generator().manual_seed(0)
+    x = 4 * torch.randn(*shape, generator=generator)
+    alpha = 0.5 + torch.rand(1, shape[1], 1, generator=generator)  # a different alpha per channel
+    # The interpreter computes sin with numpy, torch with its own: they may differ by an ulp, no more.
+    torch.testing.assert_close(models.fused_snake(x, alpha), snake(x, alpha), rtol=2e-7, atol=1e-6)
+
+
+def test_the_fused_snake_covers_more_rows_than_a_grid_holds(interpreted_triton, monkeypatch):
+    from dac.nn.layers import snake
+
+    monkeypatch.setattr(models, "MAX_GRID_ROWS", 4)  # 15 rows in four launches; each finds its rows' channels
+    x, alpha = 4 * torch.randn(3, 5, 300), 0.5 + torch.rand(1, 5, 1)
+    torch.testing.assert_close(models.fused_snake(x, alpha), snake(x, alpha), rtol=2e-7, atol=1e-6)
+
+
+def test_fused_snake_computes_the_formula_where_autograd_records():
+    x, alpha = torch.randn(2, 3, 50, requires_grad=True), torch.nn.Parameter(0.5 + torch.rand(1, 3, 1))
+    out = FusedSnake(alpha)(x)  # on CPU with grad enabled: the torch-op formula, no kernel
+    torch.testing.assert_close(out, models.snake(x, alpha), rtol=0, atol=0)
+    out.sum().backward()
+    assert x.grad is not None and alpha.grad is not None
+
+
+def test_where_the_fused_snake_cannot_run_the_codec_keeps_the_librarys():
+    # a Triton kernel can't take CPU tensors outside the interpreter: the check fails, it doesn't raise
+    assert models.fused_snake_works.__wrapped__(torch.device("cpu")) is False

@@ -7,8 +7,10 @@ Writes  <clip>.npy next to each wav: int64 codes, shape (num_codebooks, frames);
 Skips   a clip whose audio hash, codec identity and .npy hash match its record, whichever project made it
 
 Speed: clips are decoded in DataLoader workers, and each batch's codes are written while the GPU encodes
-the next batch. `compile` (off by default) compiles the encoder on CUDA: at full size its compilation took
-over a minute on an H100 and its gain is not measured yet (benchmarks/RESULTS.md, 2026-11-27).
+the next batch. On CUDA, load_codec runs each of the codec's Snake activations as one fused Triton kernel
+where Triton runs there (else the library's). `compile` (off by default) compiles the encoder on CUDA: at
+full size its compilation took over a minute on an H100 and its gain is not measured yet
+(benchmarks/RESULTS.md, 2026-11-27).
 """
 
 import time
