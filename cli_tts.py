@@ -50,8 +50,8 @@ FORMATS = ", ".join(AUDIO_FORMATS)
 @click.option("--max-new-frames", type=click.IntRange(min=1), metavar="INTEGER", default=1024, show_default=True,
               help="Upper bound on generated audio frames (21.5 per second for s1-mini).")
 @click.option("--compile", "compile_step", is_flag=True,
-              help="Compile the per-frame step into CUDA graphs and the codec decoder: frames come many times faster after a "
-                   "warm-up of minutes on the first run, and of seconds once the compiled kernels are cached "
+              help="Compile the per-frame step (on CUDA, replayed as one CUDA graph per frame): frames come many times faster "
+                   "after a warm-up of minutes on the first run, and of seconds once the compiled kernels are cached "
                    "($XDG_CACHE_HOME/fs-pipeline/compile, else ~/.cache/fs-pipeline/compile).")
 @click.option("--stream", is_flag=True,
               help="Hand out audio while it is generated: with --play, the player starts after the first chunk (0.7 s of audio); "
@@ -85,7 +85,7 @@ def main(text, model_path, lora, model_version, output, text_file, output_dir, r
     click.echo(f"Start-up: {time.perf_counter() - started:.1f} s (model and codec loaded on {choice.describe()})")
     if compile_step:
         cached = synthesizer.cache_file.is_file()
-        click.echo(f"Warming up the compiled step and decoder ({'from the cache' if cached else 'compiling: minutes on the first run'}; "
+        click.echo(f"Warming up the compiled step ({'from the cache' if cached else 'compiling: minutes on the first run'}; "
                    f"{synthesizer.cache_file.parent})...")
         click.echo(f"Warm-up: {synthesizer.warm_up():.1f} s ({time.perf_counter() - started:.1f} s from start)")
 

@@ -17,8 +17,8 @@ from fs_pipeline.manifest import Manifest
 from fs_pipeline.modeling import forward
 from fs_pipeline.models import load_codec, load_llm
 from fs_pipeline.stages import extract
-from fs_pipeline.stages.synthesize import (FIRST_CHUNK_FRAMES, SynthesisSettings, Synthesizer, compile_cache_key,
-                                           default_compile_cache)
+from fs_pipeline.stages.synthesize import (FIRST_CHUNK_FRAMES, REPETITION_WINDOW, SynthesisSettings, Synthesizer,
+                                           compile_cache_key, default_compile_cache)
 from tests.conftest import load_script
 from tests.test_modeling import batch_rows, pad
 
@@ -67,6 +67,22 @@ def test_compile_cache_key_follows_the_shape_not_the_weights(synthesizer, tiny_m
     bigger_codec = codec_cfg.copy()
     bigger_codec.quantizer.codebook_size = int(codec_cfg.quantizer.codebook_size) * 2
     assert compile_cache_key(config, bigger_codec, cpu) != key
+
+
+@pytest.mark.slow  # about a minute on 2 CPU cores: inductor builds the slow and the fast step
+def test_compiled_steps_give_the_eager_codes(tiny_model_dir, cpu, tmp_path):
+    # inductor draws its own random numbers unless told to call torch's, which eager sampling draws
+    from torch._inductor import config as inductor_config
+
+    eager = Synthesizer(tiny_model_dir, cpu)
+    settings = SynthesisSettings(max_new_frames=30, seed=3)
+    with inductor_config.patch(fallback_random=True):
+        compiled = Synthesizer(tiny_model_dir, cpu, model=eager.model, compile=True, compile_cache=tmp_path)
+        assert compiled.warm_up() > 0 and compiled.cache_file.is_file()
+        codes = [compiled.generate(text, settings) for text in (TEXT, "Hello there.")]
+    assert codes[0].shape[1] > REPETITION_WINDOW  # the window filled and then shifted
+    for text, compiled_codes in zip((TEXT, "Hello there."), codes):
+        assert torch.equal(compiled_codes, eager.generate(text, settings))
 
 
 def test_compile_cache_lives_in_the_users_cache_dir(tmp_path):

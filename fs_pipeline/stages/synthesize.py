@@ -11,12 +11,19 @@ inference forward (forward_generate / forward_generate_fast with its KV caches).
 
 Sampling is fish-speech 0.1.0's (models/text2semantic/inference.py): a repetition penalty on the logits of
 recent frames' tokens, then top-p on the penalised logits, then the temperature, then a draw, with the
-window of recent frames formed as its decode_n_tokens forms it (see _remember and _next_frame).
+window of recent frames formed as its decode_n_tokens forms it (see _remember, _slow_head and _fast_step).
 
-Speed. With `compile`, the per-frame step runs in CUDA graphs and the codec decoder is compiled (on CUDA);
-warm_up() compiles both before the first text, and keeps what it compiled in a cache file keyed by the
-model's shape, torch's version and the GPU (compile_cache_key), so that a later process loads the kernels
-instead of compiling them again. stream() hands out audio while frames are still being generated.
+Speed. A frame is one slow-transformer step (which also samples the token and the first code) and then one
+fast-transformer step per further code. With `compile`, torch.compile builds two graphs: the slow step, and
+one fast step that takes its position as a tensor and so serves every codebook (ten unrolled copies in one
+graph cost ten times the tracing and code generation, for the same kernels). On CUDA the whole frame, slow
+step and fast steps, is then captured in one CUDA graph and replayed once per frame. The KV caches hold
+SHORT_CONTEXT positions when prompt and frames fit there (the slow attention reads the whole cache at every
+step), else the model's whole context; each size is compiled once. warm_up() compiles before the first text
+and keeps the kernels in a cache file keyed by the model's shape, torch's version and the GPU
+(compile_cache_key), so that a later process loads them instead of compiling them again. The codec decoder
+runs eagerly: compiled for any length it took minutes to build on an H100, for a part of the time that is small
+next to the frames'. stream() hands out audio while frames are still being generated.
 """
 
 import hashlib
@@ -41,9 +48,12 @@ from fs_pipeline.prompt import prompt_values
 REPETITION_WINDOW = 16
 # stream(): the first chunk holds this many frames (0.74 s of s1-mini audio); each later one doubles the audio
 FIRST_CHUNK_FRAMES = 16
-# warm_up() calls the step this often: compiled with mode="reduce-overhead", it records its CUDA graph on the third call
+# warm_up() and CUDA-graph capture run the compiled step this often first (compiled code and the allocator settle)
 WARMUP_STEPS = 3
-COMPILE_CACHE_FORMAT = 1  # part of the cache key: raise it when what is cached changes meaning
+# KV cache positions when the prompt and the frames fit (default max_new_frames 1024 plus a prompt of up to 1024
+# tokens): the slow attention reads every cached position at every step, so 2048 reads a quarter of s1-mini's 8192
+SHORT_CONTEXT = 2048
+COMPILE_CACHE_FORMAT = 2  # part of the cache key: raise it when what is cached changes meaning
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,8 @@ class Synthesizer:
         self.codec = load_codec(model_dir, choice)
         self.residual_size = int(model_dir.codec_cfg.quantizer.codebook_size)
         self.reference: list[tuple[str, torch.Tensor]] = []
-        self.fast_positions = torch.arange(self.model.config.num_codebooks, device=choice.device)
+        # one tensor per codebook: the compiled fast step gets its position as an input, not as a constant
+        self.fast_positions = [torch.tensor([i], device=choice.device) for i in range(self.model.config.num_codebooks)]
         self.end_id = self.model.tokenizer.get_token_id("<|im_end|>")
         self.compiled = compile
         self.cache_file = None
@@ -133,31 +144,35 @@ class Synthesizer:
             if self.cache_file.is_file():  # before anything compiles: torch then finds these kernels instead of building them
                 # a damaged file is torch's warning (checksum), not an error: everything compiles afresh and warm_up() rewrites it
                 torch.compiler.load_cache_artifacts(self.cache_file.read_bytes())
-        self._decode_step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile else self._step
-        # Chunks of a stream have many lengths: compiled for any length at once, not once per length. On CPU
-        # inductor's C++ build takes longer than the decoding it would save for a few texts.
-        self._codec_decode = torch.compile(self.codec.decode, dynamic=True) if compile and choice.type == "cuda" else self.codec.decode
+        # dynamic=False: another KV cache size is another graph with static shapes, not a slower dynamic one
+        self._slow = torch.compile(self._slow_step, fullgraph=True, dynamic=False) if compile else self._slow_step
+        self._fast = torch.compile(self._fast_step, fullgraph=True, dynamic=False) if compile else self._fast_step
+        self._graph: _FrameGraph | None = None  # compile on CUDA: the frame as one CUDA graph, over the caches it was captured on
 
     def warm_up(self) -> float:
-        """Compile (or load from the cache) what `compile` compiles, on dummy inputs, so that the first text
-        runs at full speed; then save the compiled kernels to the cache file. Returns the seconds it took.
+        """Compile (or load from the cache) the step for the SHORT_CONTEXT caches, on dummy inputs, capture its
+        CUDA graph (on CUDA) and run the codec decoder once, so that the first text runs at full speed; then stop
+        inductor's compile workers and save the compiled kernels to the cache file. Returns the seconds it took.
         Without `compile` there is nothing to warm up."""
         if not self.compiled:
             return 0.0
         started = time.perf_counter()
-        self._ensure_caches()
-        model, device, n = self.model, self.choice.device, self.model.config.num_codebooks
+        self._ensure_caches(min(SHORT_CONTEXT, self.model.config.max_seq_len))
+        device = self.choice.device
         # The inputs are made under inference_mode, as generation makes its own: compiled code is specialised on
         # that too, and a tensor made outside it would make the first real text compile again.
         # What the dummy steps write into the KV caches is overwritten by the next prompt, which starts at 0.
         with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.choice.autocast():
-            frame = torch.zeros(n + 1, dtype=torch.long, device=device)
-            frame[0] = model.tokenizer.semantic_begin_id
-            window = torch.zeros(n + 1, REPETITION_WINDOW, dtype=torch.long, device=device)
+            frame, window, sampling = self._example_frame(), self._empty_window(), self._sampling(SynthesisSettings())
+            step = self._step_function(sampling)
             for position in range(WARMUP_STEPS):
-                self._decode_step(frame, torch.tensor([position], device=device), window, *self._sampling(SynthesisSettings()))
-            for frames in (FIRST_CHUNK_FRAMES, 2 * FIRST_CHUNK_FRAMES):  # two lengths: the decoder's dynamic-shape graph
-                self._decode(torch.zeros(n, frames, dtype=torch.long, device=device))
+                step(frame, torch.tensor([position], device=device), window, *sampling)
+            self._decode(torch.zeros(self.model.config.num_codebooks, FIRST_CHUNK_FRAMES, dtype=torch.long, device=device))  # first-call set-up
+        # Nothing more to compile: inductor's worker processes would otherwise go on taking CPU time and memory
+        # (on a cached start they are still starting up, next to the first texts).
+        from torch._inductor.async_compile import shutdown_compile_workers
+
+        shutdown_compile_workers()
         if self.cache_file is not None:
             artifacts = torch.compiler.save_cache_artifacts()
             if artifacts is not None:
@@ -178,10 +193,11 @@ class Synthesizer:
         self.reference = [(text.strip(), codes[0, :, : frames[0]].cpu())]
 
     def release_caches(self) -> None:
-        """Drop the KV caches, so the model can run its training forward again."""
+        """Drop the KV caches (and the CUDA graph that uses them), so the model can run its training forward again."""
         for layer in [*self.model.layers, *self.model.fast_layers]:
             layer.attention.kv_cache = None
         self.model.max_seq_len = self.model.max_batch_size = -1
+        self._graph = None
 
     def speak(self, text: str, output: Path, settings: SynthesisSettings) -> Synthesis:
         """render(), then write the audio to `output` as a 16-bit wav, even when it is empty (no frames)."""
@@ -190,11 +206,10 @@ class Synthesizer:
         return replace(speech, path=Path(output))
 
     def render(self, text: str, settings: SynthesisSettings) -> Synthesis:
-        """`text` spoken, in memory. Its `seconds` time the LLM and the codec decoder alone: the KV caches
-        are set up before the clock starts."""
+        """`text` spoken, in memory. Its `seconds` time the LLM and the codec decoder, and setting up KV caches
+        of another size where this text needs them (once per size)."""
         if not text.strip():
             raise PipelineError("the text to speak is empty: pass some words")
-        self._ensure_caches()
         started = time.perf_counter()
         codes, cut_off = self._generate(text.strip(), settings)
         samples = self._decode(codes)
@@ -212,7 +227,6 @@ class Synthesizer:
         fp32 rounding), and doubling the chunks keeps the decoding within twice one-shot's."""
         if not text.strip():
             raise PipelineError("the text to speak is empty: pass some words")
-        self._ensure_caches()
         chunks: list[np.ndarray] = []
         first_audio: list[float] = []
         started = time.perf_counter()
@@ -240,10 +254,9 @@ class Synthesizer:
         inside generation's autocast, as stream() does."""
         if not codes.shape[1]:
             return np.zeros(0, dtype=np.float32)
-        # moved under inference_mode, so that the compiled decoder always sees the same kind of tensor
         with torch.inference_mode(), torch.autocast(self.choice.type, enabled=False):
             codes = codes.to(self.choice.device)
-            audio, _ = self._codec_decode(codes[None], torch.tensor([codes.shape[1]], device=codes.device))
+            audio, _ = self.codec.decode(codes[None], torch.tensor([codes.shape[1]], device=codes.device))
         return audio[0, 0].float().cpu().numpy()
 
     def _sampling(self, settings: SynthesisSettings) -> list[torch.Tensor]:
@@ -255,7 +268,8 @@ class Synthesizer:
                   on_chunk: Callable[[torch.Tensor], None] | None = None, first_chunk: int = FIRST_CHUNK_FRAMES,
                   ) -> tuple[torch.Tensor, str | None]:
         """Codes (num_codebooks, frames) for `text`, and what cut generation off (Synthesis.cut_off). Sampling
-        stays on the device: the only wait for it is one look per frame at whether the model ended the text.
+        stays on the device: the only wait for it is one look per frame at whether the model ended the text,
+        made while the next frame is already queued (if the model did end, that frame is dropped).
         `on_chunk` gets the codes so far (on the device) after `first_chunk` frames, again whenever their
         number has doubled, and at the end if frames came after its last call."""
         model, device = self.model, self.choice.device
@@ -267,18 +281,24 @@ class Synthesizer:
             raise PipelineError(f"the prompt takes {length} tokens, the model's limit is {model.config.max_seq_len}: use a shorter text or reference")
         budget = min(settings.max_new_frames, context_left)
         cut_off = "max_new_frames" if budget == settings.max_new_frames else "max_seq_len"
-        self._ensure_caches()
+        # positions 0 .. length + budget - 2 are written (the last frame is sampled, never fed back)
+        self._ensure_caches(min(SHORT_CONTEXT, model.config.max_seq_len) if length + budget <= SHORT_CONTEXT else model.config.max_seq_len)
         sampling = self._sampling(settings)
-        # fish-speech starts its window as zeros, so code 0 counts as recent until 16 frames exist
-        window = torch.zeros(n + 1, REPETITION_WINDOW, dtype=torch.long, device=device)
+        window = self._empty_window()
         frames = []
         chunk_end, delivered = first_chunk, 0
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), self.choice.autocast():
+            step_function = self._step_function(sampling)  # before the seed: a capture's trial steps draw random numbers
             torch.manual_seed(settings.seed)
             result = model.forward_generate(prompt[None], torch.arange(length, device=device))
-            # the first frame has no penalty, as fish-speech's prefill, and never enters the window
-            frame = self._next_frame(result.logits[0, -1], result.hidden_states[:, -1:], None, *sampling)
+            # the first frame has no penalty, as fish-speech's prefill, and never enters the window; eager, as the
+            # compiled parts are built for a window
+            head = self._slow_head(result.logits[0, -1], result.hidden_states[:, -1:], None, *sampling)
+            frame = self._frame(head, None, sampling, self._fast_step)
             for step, position in enumerate(range(length, length + budget)):
+                # queued before the host waits for `frame`, so that the GPU has the next frame's work meanwhile;
+                # cloned, as a CUDA graph's output is overwritten by its next replay
+                following = step_function(frame, torch.tensor([position], device=device), window, *sampling).clone() if step + 1 < budget else None
                 if int(frame[0]) == self.end_id:
                     cut_off = None
                     break
@@ -286,9 +306,8 @@ class Synthesizer:
                 if on_chunk is not None and len(frames) == chunk_end:
                     on_chunk(_codes(frames))
                     chunk_end, delivered = 2 * chunk_end, len(frames)
-                if len(frames) < budget:
-                    # cloned: a CUDA-graph step's output buffer is overwritten by its next replay
-                    frame = self._decode_step(frame, torch.tensor([position], device=device), window, *sampling).clone()
+                if following is not None:
+                    frame = following
                     window = _remember(window, frame, step)
         if not frames:
             return torch.zeros(n, 0, dtype=torch.long), cut_off
@@ -297,24 +316,63 @@ class Synthesizer:
             on_chunk(codes)
         return codes.cpu(), cut_off
 
-    def _ensure_caches(self) -> None:
+    def _ensure_caches(self, positions: int) -> None:
+        """KV caches of `positions` positions (the slow transformer's), made anew where they have another size."""
         model = self.model
-        if model.layers[0].attention.kv_cache is None:
-            with torch.device(self.choice.device):  # the caches are created where this says
-                model.setup_caches(max_batch_size=1, max_seq_len=model.config.max_seq_len, dtype=next(model.parameters()).dtype)
+        if model.layers[0].attention.kv_cache is not None and model.max_seq_len == positions:
+            return
+        self.release_caches()
+        with torch.device(self.choice.device):  # the caches are created where this says
+            model.setup_caches(max_batch_size=1, max_seq_len=positions, dtype=next(model.parameters()).dtype)
+
+    def _step_function(self, sampling: list[torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """What computes a frame from the last one: _step, or, compiled on CUDA, its CUDA graph over the current
+        KV caches (captured here when there is none for them; its trial steps write position 0 of the caches,
+        which a prompt overwrites)."""
+        if not (self.compiled and self.choice.type == "cuda"):
+            return self._step
+        caches = self.model.layers[0].attention.kv_cache
+        if self._graph is None or self._graph.caches is not caches:
+            position = torch.zeros(1, dtype=torch.long, device=self.choice.device)
+            self._graph = _FrameGraph(self._step, caches, self._example_frame(), position, self._empty_window(), sampling)
+        return self._graph
+
+    def _example_frame(self) -> torch.Tensor:
+        """A frame to compile and capture the step on: the first semantic token, codes 0."""
+        frame = torch.zeros(self.model.config.num_codebooks + 1, dtype=torch.long, device=self.choice.device)
+        frame[0] = self.model.tokenizer.semantic_begin_id
+        return frame
+
+    def _empty_window(self) -> torch.Tensor:
+        # fish-speech starts its window as zeros, so code 0 counts as recent until 16 frames exist
+        return torch.zeros(self.model.config.num_codebooks + 1, REPETITION_WINDOW, dtype=torch.long, device=self.choice.device)
 
     def _step(self, frame: torch.Tensor, position: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
               top_p: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-        """Feed `frame` at `position`, and sample the next frame."""
-        result = self.model.forward_generate(frame[None, :, None], position)
-        return self._next_frame(result.logits[0, -1], result.hidden_states[:, -1:], window, temperature, top_p, penalty)
+        """Feed `frame` at `position`, and sample the next frame: the slow step, then a fast step per further code."""
+        head = self._slow(frame, position, window, temperature, top_p, penalty)
+        return self._frame(head, window, [temperature, top_p, penalty], self._fast)
 
-    def _next_frame(self, logits: torch.Tensor, hidden: torch.Tensor, window: torch.Tensor | None, temperature: torch.Tensor,
-                    top_p: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-        """(token id, code 0, .., code n-1) sampled from the slow transformer's last logits and hidden state,
-        with the repetition penalty over `window` (recent frames, one per column; None: no penalty). The token
-        is a semantic token or <|im_end|> (then the codes are meaningless); each code is one that its codec
-        codebook has."""
+    def _frame(self, head: torch.Tensor, window: torch.Tensor | None, sampling: list[torch.Tensor], fast: Callable) -> torch.Tensor:
+        """(token id, code 0, .., code n-1): `head` (token id, code 0) and the further codes, each sampled by
+        `fast` (the fast step, compiled or not) from the one before it."""
+        codes = [head[1]]
+        for position in self.fast_positions[1:]:
+            codes.append(fast(codes[-1], position, window, *sampling))
+        return torch.cat([head, torch.stack(codes[1:])])
+
+    def _slow_step(self, frame: torch.Tensor, position: torch.Tensor, window: torch.Tensor, temperature: torch.Tensor,
+                   top_p: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        """Feed `frame` at `position` to the slow transformer; (token id, code 0) of the next frame (_slow_head)."""
+        result = self.model.forward_generate(frame[None, :, None], position)
+        return self._slow_head(result.logits[0, -1], result.hidden_states[:, -1:], window, temperature, top_p, penalty)
+
+    def _slow_head(self, logits: torch.Tensor, hidden: torch.Tensor, window: torch.Tensor | None, temperature: torch.Tensor,
+                   top_p: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        """(token id, code 0) sampled from the slow transformer's last logits, with the repetition penalty over
+        `window` (recent frames, one per column; None: no penalty), and the fast transformer started on `hidden`
+        (its position 0). The token is a semantic token or <|im_end|> (then the codes are meaningless); code 0 is
+        the semantic token's index."""
         model, tokenizer = self.model, self.model.tokenizer
         first, last, end_id = tokenizer.semantic_begin_id, tokenizer.semantic_end_id, self.end_id
         logits = logits.float()
@@ -326,14 +384,45 @@ class Synthesizer:
         candidates = torch.cat([logits[first : last + 1], logits[end_id : end_id + 1]])
         pick = _draw(_probabilities(candidates, None, penalty, temperature, top_p))
         token = torch.where(pick == last + 1 - first, end_id, first + pick)
-        codes = [pick.clamp(max=last - first)]
-        model.forward_generate_fast(hidden, self.fast_positions[:1])
-        for codebook in range(1, model.config.num_codebooks):
-            x = model.fast_embeddings(codes[-1][None])
-            logits = model.forward_generate_fast(x, self.fast_positions[codebook : codebook + 1])
-            recent = None if window is None else window[codebook + 1]  # this codebook's codes in the recent frames
-            codes.append(_draw(_probabilities(logits[0, 0, : self.residual_size].float(), recent, penalty, temperature, top_p)))
-        return torch.stack([token, *codes])
+        model.forward_generate_fast(hidden, self.fast_positions[0])
+        return torch.stack([token, pick.clamp(max=last - first)])
+
+    def _fast_step(self, code: torch.Tensor, position: torch.Tensor, window: torch.Tensor | None, temperature: torch.Tensor,
+                   top_p: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        """The code of codebook `position` (a 1-element tensor, 1 .. n-1) from `code`, the one before it, through
+        the fast transformer, with the repetition penalty over this codebook's codes in `window`. One compiled
+        graph serves every codebook: they differ only by `position`'s value."""
+        x = self.model.fast_embeddings(code[None])
+        logits = self.model.forward_generate_fast(x, position)
+        recent = None if window is None else window.index_select(0, position + 1)[0]  # this codebook's codes in the recent frames
+        return _draw(_probabilities(logits[0, 0, : self.residual_size].float(), recent, penalty, temperature, top_p))
+
+
+class _FrameGraph:
+    """A frame step captured in one CUDA graph: called like the step, it copies its arguments into the graph's
+    input tensors and replays it, returning the graph's output tensor (overwritten by the next call). `caches`:
+    the KV caches it reads and writes, for its owner to tell whether it still fits them."""
+
+    def __init__(self, step: Callable[..., torch.Tensor], caches, frame: torch.Tensor, position: torch.Tensor, window: torch.Tensor,
+                 sampling: list[torch.Tensor]):
+        self.caches = caches
+        self.inputs = [tensor.clone() for tensor in (frame, position, window, *sampling)]
+        # compiled code runs its first calls outside the capture (and off the current stream, as capture asks)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                step(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = step(*self.inputs)
+
+    def __call__(self, *arguments: torch.Tensor) -> torch.Tensor:
+        for destination, value in zip(self.inputs, arguments):
+            destination.copy_(value)
+        self.graph.replay()
+        return self.output
 
 
 def _codes(frames: list[torch.Tensor]) -> torch.Tensor:
