@@ -355,10 +355,18 @@ def _fill_from_state(module: torch.nn.Module, state: dict, file: Path, optional=
 
 
 def _build_dual_ar(model_dir: ModelDir):
-    from fish_speech.models.text2semantic.llama import BaseModelArgs, DualARTransformer
+    from fish_speech.models.text2semantic.llama import BaseModelArgs, DualARTransformer, precompute_freqs_cis
 
     args = BaseModelArgs.from_pretrained(str(model_dir.path / "config.json"))
-    return DualARTransformer(args, tokenizer=load_tokenizer(model_dir))
+    tokenizer = load_tokenizer(model_dir)
+    # No storage and no random draws (seconds at S1-mini size, every start-up): load_llm_weights assigns the release's tensors.
+    with torch.device("meta"):
+        model = DualARTransformer(args, tokenizer=tokenizer)
+    # The tables fish-speech computes rather than stores, made as its __init__ makes them.
+    model.freqs_cis = precompute_freqs_cis(args.max_seq_len, args.head_dim, args.rope_base)
+    model.causal_mask = torch.tril(torch.ones(args.max_seq_len, args.max_seq_len, dtype=torch.bool))
+    model.fast_freqs_cis = precompute_freqs_cis(args.num_codebooks, args.fast_head_dim, args.rope_base)
+    return model
 
 
 def _build_s2pro(model_dir: ModelDir):
@@ -378,8 +386,8 @@ LLM_BUILDERS = {"dual_ar": _build_dual_ar, s2pro.MODEL_TYPE: _build_s2pro}
 
 
 def build_llm(model_dir: ModelDir):
-    """The LLM of `model_dir`'s config, with its tokenizer, on the CPU: for s1-mini randomly initialised in fp32,
-    for s2-pro with its parameters not yet allocated (meta), until load_llm_weights assigns them."""
+    """The LLM of `model_dir`'s config, with its tokenizer, its parameters not yet allocated (meta) until
+    load_llm_weights assigns them; its derived tables (RoPE, causal mask) on the CPU."""
     return LLM_BUILDERS[model_dir.version.model_type](model_dir)
 
 

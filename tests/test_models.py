@@ -32,13 +32,25 @@ def test_save_load_gives_identical_logits(tiny_model_dir, tiny_model_copy, cpu):
 
 
 def test_loader_really_loads_the_weights(tiny_model_dir, cpu):
+    built = build_llm(tiny_model_dir)
+    assert all(p.is_meta for p in built.parameters())  # nothing drawn at random: the loader assigns every weight
     loaded = load_llm(tiny_model_dir, cpu)
-    torch.manual_seed(123)
-    random_init = build_llm(tiny_model_dir)
-    weights = "layers.0.attention.wqkv.weight"
-    assert not torch.equal(loaded.state_dict()[weights], random_init.state_dict()[weights])
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     saved = torch.load(tiny_model_dir.weights_file, weights_only=True)
-    assert torch.equal(loaded.state_dict()[weights], saved[weights])
+    assert set(loaded.state_dict()) == set(saved)
+    assert all(torch.equal(loaded.state_dict()[k], saved[k].float()) for k in saved)
+
+
+def test_the_derived_tables_are_fish_speechs(tiny_model_dir):
+    """RoPE tables and the causal mask, made beside the meta-built model, equal those fish-speech's __init__ makes."""
+    from fish_speech.models.text2semantic.llama import BaseModelArgs, DualARTransformer
+
+    theirs = DualARTransformer(BaseModelArgs.from_pretrained(str(tiny_model_dir.path / "config.json")), tokenizer=build_llm(tiny_model_dir).tokenizer)
+    ours = build_llm(tiny_model_dir)
+    names = {name for name, _ in theirs.named_buffers()}
+    assert names == {name for name, _ in ours.named_buffers()} == {"freqs_cis", "causal_mask", "fast_freqs_cis"}
+    for name in names:
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)) and getattr(ours, name).dtype == getattr(theirs, name).dtype
 
 
 def test_codec_round_trip_shapes(tiny_model_dir, cpu):
