@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from fs_pipeline.audio.io import read_wav
 from fs_pipeline import models
 from fs_pipeline.manifest import Manifest
-from fs_pipeline.modeling import forward
+from fs_pipeline.modeling import forward, frozen_head_weight
 from fs_pipeline.models import load_codec, load_llm
 from fs_pipeline.stages import extract
 from fs_pipeline.stages.synthesize import (FIRST_CHUNK_FRAMES, REPETITION_WINDOW, SynthesisSettings, Synthesizer,
@@ -125,6 +125,31 @@ def test_chunked_loss_equals_the_whole_batch_loss_with_its_gradients(tiny_model_
         torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), rtol=1e-6, atol=0)
     assert chunked.top5_accuracy == whole.top5_accuracy
     torch.testing.assert_close(gradients[1], gradients[0], rtol=0, atol=1e-5 * gradients[0].abs().max())
+
+
+def test_a_frozen_heads_loss_made_with_its_gradient_equals_the_whole_batch_loss(tiny_model_dir, cpu):
+    model = load_llm(tiny_model_dir, cpu)
+    model.output.weight.requires_grad_(False)  # as the releases' tied token head: nothing in it trains
+    assert frozen_head_weight(model) is model.output.weight
+    inputs, labels = pad(model, batch_rows(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    results, gradients = [], []
+    # None: the whole batch's logits through autograd; 7 rows: frozen_head_losses in many slices, the last one short
+    for chunk in (None, 7 * model.config.vocab_size):
+        model.zero_grad()
+        result = forward(model, inputs, labels, loss_chunk=chunk)
+        (result.loss * 3).backward()  # a loss gradient other than 1 reaches the states' gradient made in forward
+        results.append(result)
+        gradients.append(torch.cat([p.grad.flatten() for p in params]))
+    whole, frozen = results
+    for name in ("token_loss_sum", "codebook_loss_sum", "loss"):
+        torch.testing.assert_close(getattr(frozen, name), getattr(whole, name), rtol=1e-6, atol=0)
+    assert frozen.top5_accuracy == whole.top5_accuracy
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=0, atol=1e-5 * gradients[0].abs().max())
+    assert gradients[0].abs().max() > 0
+    with torch.no_grad():  # validation: no gradient to make
+        evaluated = forward(model, inputs, labels, loss_chunk=7 * model.config.vocab_size)
+    torch.testing.assert_close(evaluated.token_loss_sum, whole.token_loss_sum, rtol=1e-6, atol=0)
 
 
 def test_top5_accuracy_counts_the_targets_among_the_five_likeliest(tiny_model_dir, cpu):
