@@ -339,18 +339,18 @@ def pack_settings(flags, data_dir: Path) -> pack.PackSettings:
     return pack.PackSettings(data_dir, flags["val_fraction"], flags["split_seed"])
 
 
-def train_settings(flags, choice, model_dir) -> train.TrainSettings:
+def train_settings(flags, choice, model_dir, trains: bool) -> train.TrainSettings:
     """The training settings of the flags; where --compile and --pack-utterances are not given, the fast path where it is
-    safe (device.compiles_by_default, train.packs_by_default), with a line that says so."""
+    safe (device.compiles_by_default, train.packs_by_default), with a line that says so when the command `trains`."""
     from fs_pipeline.device import compiles_by_default
     from fs_pipeline.stages import train
 
     if flags["compile_blocks"] is None:
         flags["compile_blocks"] = compiles_by_default(choice)
-        if flags["compile_blocks"] and is_main_process():
+        if flags["compile_blocks"] and trains and is_main_process():
             click.echo("Compiling the transformer blocks (the first steps wait about a minute for it; --no-compile to skip)")
     settings = _train_settings(flags)
-    if flags["pack_utterances"] is None:
+    if flags["pack_utterances"] is None and trains:
         flags["pack_utterances"] = train.packs_by_default(settings, model_dir, choice)
         settings = replace(settings, pack_utterances=flags["pack_utterances"])
         if settings.pack_utterances and is_main_process():
@@ -414,7 +414,7 @@ def run_pipeline(project: Project, model_dir, choice, flags, stages: tuple[str, 
         prepare_stage = prepare_settings(flags, (str(data_dir),), dataset, speaker, model_dir.version.sample_rate)
     settings = pipeline.PipelineSettings(
         prepare=prepare_stage, extract=extract_settings(flags, dataset), pack=pack_settings(flags, dataset),
-        train=train_settings(flags, choice, model_dir), merge=merge_settings(flags), from_stage=first, to_stage=last, force_stage=flags["force_stage"],
+        train=train_settings(flags, choice, model_dir, "train" in stage_slice(first, last)), merge=merge_settings(flags), from_stage=first, to_stage=last, force_stage=flags["force_stage"],
     )
     main_process = is_main_process()
     if main_process:

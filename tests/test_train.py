@@ -463,16 +463,18 @@ def test_fp16_overflow_skips_its_step_and_resume_restores_the_gradient_scaler(pr
 
 
 def test_packing_is_the_default_on_the_fast_path_where_the_rows_fit(tiny_model_dir, cpu, monkeypatch):
-    settings = train.TrainSettings(batch_size=4)
-    assert not train.packs_by_default(settings, tiny_model_dir, cpu)  # off the fast path: one utterance a row
-    monkeypatch.setattr(train, "compiles_by_default", lambda choice: True)
-    model = train.prepare_model(tiny_model_dir, LoraSettings(), cpu)
+    settings = train.TrainSettings(batch_size=4, compile=True)
+    assert not train.packs_by_default(settings, tiny_model_dir, cpu)  # off CUDA: one utterance a row
+    gpu = DeviceChoice(torch.device("cuda"), torch.bfloat16, "a stand-in GPU: only its type and dtype are read")
+    assert not train.packs_by_default(replace(settings, compile=False), tiny_model_dir, gpu)  # eager: one utterance a row
+    model = train.prepare_model(tiny_model_dir, LoraSettings(), DeviceChoice(cpu.device, torch.bfloat16, "bf16 weights"))
     packed = replace(settings, pack_utterances=True)
-    need = train.estimate_memory(model, 4, train.tokens_per_row(packed, tiny_model_dir), LoraSettings(), cpu) * 1e9
-    monkeypatch.setattr(train, "_device_memory", lambda choice: need / 0.9 * 1.01)
-    assert train.packs_by_default(settings, tiny_model_dir, cpu)
-    monkeypatch.setattr(train, "_device_memory", lambda choice: need / 0.9 * 0.99)
-    assert not train.packs_by_default(settings, tiny_model_dir, cpu)
+    monkeypatch.setattr(train, "_device_memory", lambda choice: None)
+    need = train.estimate_memory(model, 4, train.tokens_per_row(packed, tiny_model_dir), LoraSettings(), gpu) * 1e9
+    monkeypatch.setattr(train, "_device_memory", lambda choice: need / 0.75 * 1.01)
+    assert train.packs_by_default(settings, tiny_model_dir, gpu)
+    monkeypatch.setattr(train, "_device_memory", lambda choice: need / 0.75 * 0.99)
+    assert not train.packs_by_default(settings, tiny_model_dir, gpu)
     # packed rows are PACKED_ROW_TOKENS long unless --max-length or the model says less
     assert train.tokens_per_row(packed, tiny_model_dir) == min(train.PACKED_ROW_TOKENS, tiny_model_dir.config["max_seq_len"])
     assert train.tokens_per_row(replace(packed, max_length=100), tiny_model_dir) == 100

@@ -37,7 +37,7 @@ from loguru import logger
 from tqdm import tqdm
 
 from fs_pipeline import PipelineError, checkpoints, distributed
-from fs_pipeline.device import DeviceChoice, compiles_by_default
+from fs_pipeline.device import DeviceChoice
 from fs_pipeline.distributed import SINGLE, World
 from fs_pipeline.lora import LORA_TARGETS, LoraSettings, add_lora, load_lora_state, lora_state_dict, prepare_for_training
 from fs_pipeline.modeling import IGNORE, forward, frame_index, target_counts, use_grouped_attention
@@ -97,14 +97,16 @@ class TrainResult:
 
 
 def run_identity(settings: TrainSettings, model_dir: ModelDir, project: Project) -> dict:
-    """What made a run: its RUN_SETTINGS, the base model and the packed data, by content. Checkpoints record
-    it, and a resume must match it."""
+    """What made a run: its RUN_SETTINGS (max_length as tokens_per_row resolves it), the base model and the packed
+    data, by content. Checkpoints record it, and a resume must match it. `max_seq_len` reads the max_length of None
+    that older checkpoints recorded (it meant the model's max)."""
     data = hashlib.sha256()
     for name in (TRAIN_FILE, VAL_FILE):
         path = project.data_dir / name
         data.update(file_hash(path).encode() if path.is_file() else b"-")
-    return {"settings": {name: getattr(settings, name) for name in RUN_SETTINGS}, "base": model_identity(model_dir),
-            "version": model_dir.version.name, "data": data.hexdigest()[:16]}
+    resolved = {name: getattr(settings, name) for name in RUN_SETTINGS} | {"max_length": tokens_per_row(settings, model_dir)}
+    return {"settings": resolved, "base": model_identity(model_dir), "version": model_dir.version.name, "data": data.hexdigest()[:16],
+            "max_seq_len": model_dir.config["max_seq_len"]}
 
 
 def check(settings: TrainSettings, model_dir: ModelDir | None = None) -> None:
@@ -152,7 +154,10 @@ def starting_point(settings: TrainSettings, ckpt_dir: Path, identity: dict | Non
     resume = settings.resume_from or (latest.path if latest else None)
     if resume is not None and identity is not None:
         found = checkpoints.info(resume)
-        checkpoints.check_same_run(found.run, resume, identity)
+        recorded = found.run
+        if recorded and "max_length" in recorded["settings"] and recorded["settings"]["max_length"] is None:
+            recorded = {**recorded, "settings": recorded["settings"] | {"max_length": identity["max_seq_len"]}}
+        checkpoints.check_same_run(recorded, resume, identity)
         if found.step < settings.max_steps:
             checkpoints.check_same_processes(found.processes, resume, processes)
     return resume
@@ -416,16 +421,17 @@ def _step_sizes(sizes, consumed: int, count: int, seed: int) -> tuple[int, tuple
     return sum(d[0] for d in drawn), (sum(d[1] for d in drawn), sum(d[2] for d in drawn))
 
 
-# Batches are right-padded to a multiple of this many positions (never past the model's max): fewer shapes for the
-# compiled blocks and for cuDNN's attention, which builds a plan for each new one. Real positions never see padding.
+# On CUDA, batches are right-padded to a multiple of this many positions (never past the model's max): fewer shapes for
+# the compiled blocks and for cuDNN's attention, which builds a plan for each new one. Real positions never see padding.
 PAD_MULTIPLE = 64
 
 
 def _pad(picks, model, device) -> Batch:
-    """Examples right-padded to the longest (rounded up to PAD_MULTIPLE), moved to `device`. Frame positions and target counts are found
+    """Examples right-padded to the longest (on CUDA rounded up to PAD_MULTIPLE), moved to `device`. Frame positions and target counts are found
     here on the CPU, so that the GPU never waits for the host."""
     longest = max(x.shape[1] for x, _ in picks)
-    length = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, model.config.max_seq_len)
+    multiple = PAD_MULTIPLE if torch.device(device).type == "cuda" else 1
+    length = min(-(-longest // multiple) * multiple, model.config.max_seq_len)
     rows = picks[0][0].shape[0]
     inputs = torch.zeros(len(picks), rows, length, dtype=torch.long)
     labels = torch.full((len(picks), rows, length), IGNORE, dtype=torch.long)
@@ -504,16 +510,18 @@ def tokens_per_row(settings: TrainSettings, model_dir: ModelDir) -> int:
 
 
 def packs_by_default(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice) -> bool:
-    """Whether training packs utterances unless told otherwise: on the fast path (where it compiles by default), when
-    batch_size packed rows fit the GPU by estimate_memory, reckoned on the model built without its weights."""
-    if not compiles_by_default(choice):
+    """Whether training packs utterances unless told otherwise: where it compiles on a CUDA GPU, when batch_size packed
+    rows fit in three quarters of the GPU's memory by estimate_memory's arithmetic (reckoned on the model built
+    without its weights; the estimate came 12% under the peak measured at S1-mini size, benchmarks/RESULTS.md)."""
+    if not (settings.compile and choice.type == "cuda"):
         return False
     with torch.device("meta"):
         model = build_llm(model_dir)
         add_lora(model, replace(LoraSettings.from_name(settings.lora_config), targets=settings.lora_targets))
+    prepare_for_training(model, torch.device("meta"), choice.dtype)
     packed = replace(settings, pack_utterances=True)
     total, _, _ = _memory_bytes(model, settings.batch_size, tokens_per_row(packed, model_dir), choice)
-    return total <= 0.9 * _device_memory(choice)
+    return total <= 0.75 * _device_memory(choice)
 
 
 def _memory_bytes(model, batch_size: int, length: int, choice: DeviceChoice) -> tuple[int, int, int]:
