@@ -113,7 +113,7 @@ def main(llm_size, batch_size, frames, steps, gradient_checkpointing, compile_bl
          profile, attention, no_record):
     choice = select_device(device)
     if attention == "flash":
-        modeling.CAUSAL_KERNELS[:] = [SDPBackend.FLASH_ATTENTION]
+        modeling.CAUSAL_KERNELS = (SDPBackend.FLASH_ATTENTION,)  # read by modeling.attend at each call
     work = Path(tempfile.mkdtemp(prefix="fs-bench-train-"))
     try:
         model_dir = open_model_dir(write_tiny_model(work / "model", llm_size=llm_size))

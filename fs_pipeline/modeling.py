@@ -79,7 +79,7 @@ def _run_layers(layers, x, freqs_cis, mask, gradient_checkpointing: bool):
 
 # Kernels for causal attention without a mask, fastest first: at S1-mini's training shapes on an H200, cuDNN's forward
 # and backward took half of flash's time (benchmarks/RESULTS.md, "Training kernels"). SDPA takes the first that runs.
-CAUSAL_KERNELS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+CAUSAL_KERNELS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
@@ -87,7 +87,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     CAUSAL_KERNELS reading the groups directly (enable_gqa); with one (what causal_mask gives where flash does not
     run, and KV-cached generation), as fish-speech computes it: keys and values repeated to every head."""
     if mask is None:
-        with sdpa_kernel(CAUSAL_KERNELS, set_priority=True):
+        with sdpa_kernel(list(CAUSAL_KERNELS), set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -250,7 +250,7 @@ class _FrozenHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, loss_gradient, hits_gradient):
         (gradient,) = ctx.saved_tensors
-        return gradient * loss_gradient.to(gradient.dtype), None, None, None, None
+        return (gradient.float() * loss_gradient).to(gradient.dtype), None, None, None, None
 
 
 def frozen_head_losses(weight: torch.Tensor, states: torch.Tensor, targets: torch.Tensor,
@@ -259,7 +259,8 @@ def frozen_head_losses(weight: torch.Tensor, states: torch.Tensor, targets: torc
     releases is (tied to the token embeddings, which get no adapter): the same sums, with the gradient for the
     states computed slice by slice in the forward pass instead of recomputing each slice's logits in backward."""
     rows = max(1, chunk_elements // len(weight))
-    if not (torch.is_grad_enabled() and states.requires_grad):
+    # fp16 (GPUs before Ampere): the logits' gradient would round before GradScaler's scale reaches it, so autograd's way
+    if not (torch.is_grad_enabled() and states.requires_grad) or states.dtype == torch.float16:
         return head_losses(partial(F.linear, weight=weight), states, targets, len(weight), chunk_elements)
     return _FrozenHeadLoss.apply(states, weight, targets, rows, compiled)
 
