@@ -348,10 +348,13 @@ def _fill_from_state(module: torch.nn.Module, state: dict, file: Path, optional=
     unused = [k for k in state if k not in expected]
     if unused:
         logger.warning(f"{file}: ignoring {len(unused)} weights this model has no place for (first: {unused[0]})")
-    # A model built without storage (build_llm of a large version) takes the file's tensors as they are: memory-mapped,
-    # in the stored dtype, so a 4B-parameter release is never copied into RAM whole.
+    # A model built without storage (build_llm) takes the file's tensors as they are: memory-mapped, in the stored
+    # dtype, so a 4B-parameter release is never copied into RAM whole.
     assign = any(p.is_meta for p in module.parameters())
     module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=assign)
+    if left := [name for name, p in module.named_parameters() if p.is_meta]:
+        raise PipelineError(f"{file} left {len(left)} weights of the model unset (first: {left[0]}): load the release weights "
+                            "before adding adapters")
 
 
 def _build_dual_ar(model_dir: ModelDir):
@@ -406,8 +409,8 @@ def read_weights(model_dir: ModelDir) -> dict[str, torch.Tensor]:
 
 
 def load_llm_weights(model, model_dir: ModelDir) -> None:
-    """Fill `model` (built by build_llm, possibly with LoRA adapters added) with the release weights. An s2-pro model
-    then holds the release's memory-mapped tensors in their stored dtype (bf16): callers cast it where they compute."""
+    """Fill `model` (built by build_llm) with the release weights: it then holds the release's memory-mapped tensors in
+    their stored dtype (bf16 for the releases), which callers cast where they compute. Adapters go on after this."""
     state = read_weights(model_dir)
     # Lightning checkpoints prefix every key with "model."; adapters (lora_*) are not in a release
     state = {k.removeprefix("model."): v for k, v in state.items()}
@@ -456,11 +459,10 @@ def _build(node, source, key: str):
         raise PipelineError(f"{source}: {where} {node['_target_']}: {e}: {_FIX_OR_DELETE}") from e
 
 
-def load_codec(model_dir: ModelDir, choice: DeviceChoice, fused_snake: bool = True):
+def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     """The codec with its release weights, weight norm folded, in eval mode. It runs in fp32: it is small next to the LLM,
     and its quantizer's nearest-codeword search is sensitive to rounding. Its Snake activations are computed by
-    FusedSnake on CUDA where Triton works there (`fused_snake=False` keeps the library's, for comparisons), by
-    InPlaceSnake off CUDA, and by the library's own version otherwise."""
+    FusedSnake on CUDA where Triton works there, by InPlaceSnake off CUDA, and by the library's own version otherwise."""
     codec = build_codec(model_dir.codec_cfg, model_dir.version, model_dir.codec_config_file)
     file = model_dir.path / "codec.pth"
     state = _read_state_dict(file)
@@ -472,7 +474,7 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice, fused_snake: bool = Tr
     _fill_from_state(codec, state, file, optional=DERIVED_CODEC_BUFFERS)
     if choice.device.type != "cuda":
         _swap_snakes(codec, InPlaceSnake)
-    elif fused_snake and fused_snake_works(choice.device):
+    elif fused_snake_works(choice.device):
         _swap_snakes(codec, FusedSnake)
     _fold_weight_norm(codec)
     return codec.to(choice.device).eval()

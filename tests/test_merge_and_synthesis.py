@@ -64,6 +64,7 @@ def merged(trained, cpu, tmp_path):
 def adapted_model(base, source):
     model = build_llm(base)
     load_llm_weights(model, base)
+    model.float()  # as merge computes: the base loads in its stored dtype
     merge.load_adapter(model, source, model_identity(base))
     return model.eval()
 
