@@ -19,7 +19,8 @@ one fast step that takes its position as a tensor and so serves every codebook (
 graph cost ten times the tracing and code generation, for the same kernels). On CUDA the whole frame, slow
 step and fast steps, is then captured in one CUDA graph and replayed once per frame. The KV caches hold
 SHORT_CONTEXT positions when prompt and frames fit there (the slow attention reads the whole cache at every
-step), else the model's whole context; each size is compiled once. warm_up() compiles before the first text
+step), else the model's whole context; each size is compiled once, and on CUDA the frame's graph is captured again
+whenever the caches change size. warm_up() compiles before the first text
 and keeps the kernels in a cache file keyed by the model's shape, torch's version and the GPU
 (compile_cache_key), so that a later process loads them instead of compiling them again. The codec decoder
 runs eagerly: compiled for any length it took minutes to build on an H100, for a part of the time that is small
@@ -116,9 +117,9 @@ class Synthesizer:
     def __init__(self, model_dir: ModelDir, choice: DeviceChoice, lora: Path | None = None, model=None, compile: bool = False,
                  compile_cache: Path | None = None):
         """Loads the model of `model_dir` (plus `lora` adapters), or speaks with `model`, one already in
-        memory (training uses this for its test clips). `compile` captures the per-frame step in CUDA
-        graphs (torch.compile) and, on CUDA, compiles the codec decoder: much faster frames once warm_up()
-        has compiled them, which `compile_cache` (a folder) keeps for the next process."""
+        memory (training uses this for its test clips). `compile` compiles the per-frame step (torch.compile)
+        and on CUDA captures each frame in a CUDA graph: much faster frames once warm_up() has compiled them,
+        which `compile_cache` (a folder) keeps for the next process. The codec decoder runs eagerly."""
         self.model_dir, self.choice = model_dir, choice
         if model is not None:
             self.model = model
@@ -207,7 +208,8 @@ class Synthesizer:
 
     def render(self, text: str, settings: SynthesisSettings) -> Synthesis:
         """`text` spoken, in memory. Its `seconds` time the LLM and the codec decoder, and setting up KV caches
-        of another size where this text needs them (once per size)."""
+        of another size where this text needs another than the last text's (and, compiled on CUDA, capturing the
+        frame's CUDA graph over them again)."""
         if not text.strip():
             raise PipelineError("the text to speak is empty: pass some words")
         started = time.perf_counter()
