@@ -479,3 +479,16 @@ def test_packing_is_the_default_on_the_fast_path_where_the_rows_fit(tiny_model_d
     assert train.tokens_per_row(packed, tiny_model_dir) == min(train.PACKED_ROW_TOKENS, tiny_model_dir.config["max_seq_len"])
     assert train.tokens_per_row(replace(packed, max_length=100), tiny_model_dir) == 100
     assert train.tokens_per_row(settings, tiny_model_dir) == tiny_model_dir.config["max_seq_len"]
+
+
+def test_a_checkpoint_that_recorded_no_max_length_resumes_with_the_models_max(project, tiny_model_dir, cpu):
+    """Checkpoints before rows' length was resolved recorded --max-length's None: it meant the model's max."""
+    train.run(train.TrainSettings(max_steps=2, checkpoint_every=2, **FAST), tiny_model_dir, cpu, project)
+    record_path = checkpoints.metadata_path(checkpoints.latest(project.dir / "checkpoints").path)
+    record = json.loads(record_path.read_text())
+    assert record["run"]["settings"]["max_length"] == tiny_model_dir.config["max_seq_len"]  # recorded as resolved now
+    record["run"]["settings"]["max_length"] = None
+    record_path.write_text(json.dumps(record))
+    assert train.run(train.TrainSettings(max_steps=4, checkpoint_every=2, **FAST), tiny_model_dir, cpu, project).step == 4
+    with pytest.raises(PipelineError, match=r"--max-length 64 \(checkpoint: 2048\)"):
+        train.run(train.TrainSettings(max_steps=6, checkpoint_every=2, max_length=64, **FAST), tiny_model_dir, cpu, project)
