@@ -283,3 +283,13 @@ def test_archive_members_keep_their_folders_inside_the_project(tmp_path):
     written = save_upload(received, "takes.zip", tmp_path / "uploads")
     assert written == [tmp_path / "uploads" / "day1" / "take.lab"]
     assert written[0].read_text() == "hello"
+
+
+def test_the_fast_path_switches_leave_the_default_to_the_cli():
+    from fs_pipeline.stages.train import TrainSettings
+    from fs_pipeline.webui.app import TRAIN_FIELDS, _args, _form
+
+    form = {f["name"]: f for f in _form(TRAIN_FIELDS, TrainSettings)}
+    assert form["compile"]["default"] == form["pack_utterances"]["default"] == "default"
+    assert _args(TRAIN_FIELDS, {"compile": "default", "pack_utterances": "default"}) == []
+    assert _args(TRAIN_FIELDS, {"compile": "on", "pack_utterances": "off"}) == ["--compile", "--no-pack-utterances"]

@@ -50,6 +50,8 @@ PREPARE_FIELDS = [("normalize", "--normalize", "bool"), ("split_long", "--split-
                   ("language", "--language", "str"), ("segment_duration", "--segment-duration", "float"),
                   ("min_clip_duration", "--min-clip-duration", "float"), ("max_clip_duration", "--max-clip-duration", "float"),
                   ("max_duration_minutes", "--max-duration", "float"), ("asr_beam_size", "--asr-beam-size", "int")]
+# A flag with a --no- form whose default the CLI decides (the fast path where it is safe): not given, on or off.
+SWITCH = ["default", "on", "off"]
 TRAIN_FIELDS = [("max_steps", "--max-steps", "int"), ("batch_size", "--batch-size", "int"), ("learning_rate", "--learning-rate", "float"),
                 ("gradient_accumulation_steps", "--gradient-accumulation-steps", "int"),
                 ("lora_config", "--lora-config", ["r_8_alpha_16", "r_4_alpha_8", "r_16_alpha_32"]),
@@ -57,8 +59,8 @@ TRAIN_FIELDS = [("max_steps", "--max-steps", "int"), ("batch_size", "--batch-siz
                 ("lr_schedule", "--lr-schedule", ["constant", "cosine"]), ("max_length", "--max-length", "int"),
                 ("checkpoint_every", "--checkpoint-every", "int"), ("val_every", "--val-every", "int"),
                 ("keep_checkpoints", "--keep-checkpoints", "int"), ("seed", "--seed", "int"),
-                ("gradient_checkpointing", "--gradient-checkpointing", "bool"), ("compile", "--compile", "bool"),
-                ("pack_utterances", "--pack-utterances", "bool"), ("test_clips", "--test-clips", "bool"),
+                ("gradient_checkpointing", "--gradient-checkpointing", "bool"), ("compile", "--compile", SWITCH),
+                ("pack_utterances", "--pack-utterances", SWITCH), ("test_clips", "--test-clips", "bool"),
                 ("test_clips_whisper_model", "--test-clips-whisper-model", "str"),
                 ("test_clips_max_frames", "--test-clips-max-frames", "int")]
 SPEAK_FIELDS = [("temperature", "--temperature", "float"), ("top_p", "--top-p", "float"),
@@ -68,7 +70,7 @@ SPEAK_FIELDS = [("temperature", "--temperature", "float"), ("top_p", "--top-p", 
 
 def _form(spec, settings_class) -> list[dict]:
     defaults = {f.name: f.default for f in fields(settings_class)}
-    return [{"name": name, "flag": flag, "kind": kind, "default": defaults[name]} for name, flag, kind in spec]
+    return [{"name": name, "flag": flag, "kind": kind, "default": "default" if kind is SWITCH else defaults[name]} for name, flag, kind in spec]
 
 
 def _args(spec, values: dict) -> list[str]:
@@ -78,6 +80,8 @@ def _args(spec, values: dict) -> list[str]:
         value = values.get(name)
         if kind == "bool":
             args += [flag] if value else []
+        elif kind is SWITCH:
+            args += {"on": [flag], "off": [f"--no-{flag.removeprefix('--')}"]}.get(value, [])
         elif value not in (None, ""):
             args += [flag, str(value)]
     return args
