@@ -166,7 +166,7 @@ def starting_point(settings: TrainSettings, ckpt_dir: Path, identity: dict | Non
 def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, project: Project, world: World = SINGLE) -> TrainResult:
     """Train on this process's `choice`; with several processes (`world`), every one of them calls this."""
     check(settings, model_dir)
-    lora = replace(LoraSettings.from_name(settings.lora_config), targets=settings.lora_targets)
+    lora = lora_settings(settings)
     ckpt_dir = project.dir / "checkpoints"
     max_length = tokens_per_row(settings, model_dir)
     identity = run_identity(settings, model_dir, project)
@@ -502,6 +502,10 @@ def evaluate(model, examples, batch_size: int, choice: DeviceChoice, world: Worl
     return token_sum / max(1, tokens) + codebook_sum / max(1, targets)
 
 
+def lora_settings(settings: TrainSettings) -> LoraSettings:
+    return replace(LoraSettings.from_name(settings.lora_config), targets=settings.lora_targets)
+
+
 def tokens_per_row(settings: TrainSettings, model_dir: ModelDir) -> int:
     """Tokens per training row: --max-length, else PACKED_ROW_TOKENS for packed rows, else the model's max."""
     if settings.max_length:
@@ -515,34 +519,40 @@ def packs_by_default(settings: TrainSettings, model_dir: ModelDir, choice: Devic
     without its weights; the estimate came 12% under the peak measured at S1-mini size, benchmarks/RESULTS.md)."""
     if not (settings.compile and choice.type == "cuda"):
         return False
+    model = model_for_estimate(model_dir, lora_settings(settings), choice.dtype)
+    fixed, per_row = _memory_bytes(model, tokens_per_row(replace(settings, pack_utterances=True), model_dir), choice)
+    return fixed + settings.batch_size * per_row <= 0.75 * _device_memory(choice)
+
+
+def model_for_estimate(model_dir: ModelDir, lora: LoraSettings, dtype: torch.dtype):
+    """The base LLM with adapters in the dtypes training holds them in (prepare_model's), but without storage (meta):
+    what estimate_memory counts, built in seconds and holding no memory."""
     with torch.device("meta"):
         model = build_llm(model_dir)
-        add_lora(model, replace(LoraSettings.from_name(settings.lora_config), targets=settings.lora_targets))
-    prepare_for_training(model, torch.device("meta"), choice.dtype)
-    packed = replace(settings, pack_utterances=True)
-    total, _, _ = _memory_bytes(model, settings.batch_size, tokens_per_row(packed, model_dir), choice)
-    return total <= 0.75 * _device_memory(choice)
+        add_lora(model, lora)
+    prepare_for_training(model, torch.device("meta"), dtype)
+    return model
 
 
-def _memory_bytes(model, batch_size: int, length: int, choice: DeviceChoice) -> tuple[int, int, int]:
-    """(total, weights and optimizer state, each row) of a rough peak-memory estimate for one GPU."""
+def _memory_bytes(model, length: int, choice: DeviceChoice) -> tuple[int, int]:
+    """(weights and optimizer state, each row of `length` tokens) of a rough peak-memory estimate for one GPU."""
     config = model.config
     weight_bytes = sum(p.numel() * (4 if p.requires_grad else p.element_size()) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer_bytes = trainable * 4 * 3  # gradients and two Adam moments, fp32
     act_bytes_per_token = (config.n_layer + config.n_fast_layer * config.num_codebooks) * config.dim * 16 * (2 if choice.dtype != torch.float32 else 4) // 2
     logits_bytes_per_token = config.vocab_size * 4 * 2
-    per_sample = length * (act_bytes_per_token + logits_bytes_per_token)
-    return weight_bytes + optimizer_bytes + batch_size * per_sample, weight_bytes + optimizer_bytes, per_sample
+    return weight_bytes + optimizer_bytes, length * (act_bytes_per_token + logits_bytes_per_token)
 
 
 def estimate_memory(model, batch_size: int, length: int, lora: LoraSettings, choice: DeviceChoice, processes: int = 1) -> float:
     """A rough peak-memory estimate in GB for one GPU (each of `processes` holds the whole model and its own
     batch_size); warns with a batch size per GPU that fits when the device has less."""
-    total, fixed, per_sample = _memory_bytes(model, batch_size, length, choice)
+    fixed, per_row = _memory_bytes(model, length, choice)
+    total = fixed + batch_size * per_row
     available = _device_memory(choice)
     if available and total > 0.9 * available:
-        fits = max(1, int((0.9 * available - fixed) // per_sample))
+        fits = max(1, int((0.9 * available - fixed) // per_row))
         more_gpus = " or more GPUs" if processes > 1 else ""
         logger.warning(
             f"estimated peak memory per GPU {total / 1e9:.1f} GB exceeds the {available / 1e9:.1f} GB of {choice.device}: "

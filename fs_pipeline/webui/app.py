@@ -320,10 +320,8 @@ def create_app(settings: WebSettings) -> Starlette:
 
     async def estimate(request):
         """The memory estimate train prints, for the chosen batch and adapters, from the base model built once
-        on the CPU in the training dtype (the GPU stays free for the jobs)."""
-        import torch
-
-        from fs_pipeline.device import DeviceChoice, select_device
+        without its weights (train.model_for_estimate: nothing loaded, the GPU stays free for the jobs)."""
+        from fs_pipeline.device import select_device
         from fs_pipeline.lora import LoraSettings
         from fs_pipeline.models import open_model_dir
         from fs_pipeline.stages import train
@@ -335,8 +333,8 @@ def create_app(settings: WebSettings) -> Starlette:
         model_dir = open_model_dir(settings.base_model, settings.model_version)
         lora = replace(LoraSettings.from_name(lora_config), targets=targets)
         if key not in estimates:
-            estimates.clear()  # one model at a time in memory
-            estimates[key] = train.prepare_model(model_dir, lora, DeviceChoice(torch.device("cpu"), choice.dtype, "estimate"))
+            estimates.clear()  # the last one kept: each takes seconds to build (imports, tokenizer)
+            estimates[key] = train.model_for_estimate(model_dir, lora, choice.dtype)
         length = int(q.get("max_length") or model_dir.config["max_seq_len"])
         batch = int(q.get("batch_size") or 1)
         gb = train.estimate_memory(estimates[key], batch, length, lora, choice)
