@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fs_pipeline import PipelineError
-from fs_pipeline.models import DERIVED_CODEC_BUFFERS, InPlaceSnake, build_codec, build_llm, load_codec, load_llm, model_identity, open_model_dir
+from fs_pipeline.models import DERIVED_CODEC_BUFFERS, InPlaceSnake, build_codec, build_llm, load_codec, load_llm, load_llm_weights, model_identity, open_model_dir
 
 
 def logits_of(llm) -> torch.Tensor:
@@ -145,3 +145,13 @@ def test_identity_changes_with_the_weights(tiny_model_path, tiny_model_copy):
     state["norm.weight"] += 1
     torch.save(state, tiny_model_copy / "model.pth")
     assert model_identity(open_model_dir(tiny_model_copy)) != before
+
+
+def test_weights_left_unset_after_loading_are_an_error(tiny_model_dir):
+    from fs_pipeline.lora import LoraSettings, add_lora
+
+    with torch.device("meta"):  # adapters made without storage, which no release file fills
+        model = build_llm(tiny_model_dir)
+        add_lora(model, LoraSettings())
+    with pytest.raises(PipelineError, match=r"model.pth left \d+ weights of the model unset \(first: .*lora_A\): load the release weights"):
+        load_llm_weights(model, tiny_model_dir)
