@@ -19,6 +19,7 @@ import click
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend
+from torch.profiler import record_function
 
 from benchmarks.common import append_result, model_shape, peak_flops, publish, training_flops
 from fs_pipeline import modeling
@@ -56,27 +57,64 @@ def profile_steps(settings, model_dir, choice, project, record: bool, warmup: in
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
 
-    def step(index: int) -> None:
-        batch = train._batch(examples, index * settings.batch_size, settings.batch_size, 0, model, choice.device)
-        train.accumulate_gradients(model, [batch], choice, settings.gradient_checkpointing,  # the train stage's own step
-                                   trainer=train.TrainingForward(model, settings.compile))
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def batch(index: int):
+        return train._batch(examples, index * settings.batch_size, settings.batch_size, 0, model, choice.device)
 
+    def step(index: int, current):  # the train stage's step, in its order: all queued, the next batch made, one wait
+        with record_function("## forward and backward"):
+            sums = train.accumulate_gradients(model, [current], choice, settings.gradient_checkpointing,
+                                              trainer=train.TrainingForward(model, settings.compile))
+        with record_function("## clip and optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with record_function("## next batch"):
+            following = batch(index + 1)
+        with record_function("## wait"):
+            sums.read(grad_norm)
+        return following
+
+    current = batch(0)
     for index in range(warmup):
-        step(index)
+        current = step(index, current)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if choice.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
         for index in range(warmup, warmup + measured):
-            step(index)
+            current = step(index, current)
     sort_key = "cuda_time_total" if choice.type == "cuda" else "cpu_time_total"
-    top = profiler.key_averages().table(sort_by=sort_key, row_limit=15, max_name_column_width=60)
+    averages = profiler.key_averages()
+    top = averages.table(sort_by=sort_key, row_limit=15, max_name_column_width=60)
+    top += "\n" + "\n".join(f"{e.key}: host {e.cpu_time_total / 1e3 / measured:.1f} ms a step"
+                             for e in averages if e.key.startswith("## "))
+    if choice.type == "cuda":
+        top += "\n" + gpu_idle(profiler, measured)
     print(top)
     if record:
         append_result(f"Training step profile ({measured} steps after {warmup} warm-up, top 15)", choice.device, "```\n" + top + "\n```")
+
+
+def gpu_idle(profiler, steps: int, largest: int = 8) -> str:
+    """How much of the profiled span the GPU had no kernel or copy running, and the largest of those gaps with the
+    kernel that came after each: where the GPU waited for the host."""
+    from torch.autograd import DeviceType
+
+    work = sorted((e.time_range.start, e.time_range.end, e.name) for e in profiler.events() if e.device_type == DeviceType.CUDA)
+    if not work:
+        return "no GPU work profiled"
+    gaps, busy, end = [], 0.0, work[0][0]
+    for start, stop, name in work:
+        if start > end:
+            gaps.append((start - end, name))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = end - work[0][0]
+    lines = [f"GPU busy {busy / 1e3:.1f} ms of {span / 1e3:.1f} ms ({busy / span:.1%}) over {steps} steps; "
+             f"gaps over 0.1 ms: {sum(g for g, _ in gaps if g > 100) / 1e3:.1f} ms in {sum(g > 100 for g, _ in gaps)}",
+             "largest gaps (ms, the kernel after it):"]
+    lines += [f"  {gap / 1e3:.2f}  {name[:100]}" for gap, name in sorted(gaps, reverse=True)[:largest]]
+    return "\n".join(lines)
 
 
 def model_flops_utilization(settings, model_dir, project, choice, tokens_per_second: float) -> str:

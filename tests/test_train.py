@@ -86,7 +86,7 @@ def test_accumulated_micro_batches_give_the_gradients_and_loss_of_one_batch(proj
 
     def gradients(batches):
         model.zero_grad(set_to_none=True)
-        totals = train.accumulate_gradients(model, batches, cpu)
+        totals = train.accumulate_gradients(model, batches, cpu).totals()
         return totals, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     whole, whole_grads = gradients([train._pad(examples, model, cpu.device)])
@@ -210,7 +210,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(pro
 
     monkeypatch.setattr(train, "forward", nan_at_step_3)
     with pytest.raises(PipelineError, match=r"training stopped at step 3: the loss is nan and the gradient norm nan, not finite; "
-                                            r"nothing of this step was applied and .*step_000000002.ckpt is the last good one"):
+                                            r"nothing of this step was saved and .*step_000000002.ckpt is the last good one"):
         train.run(train.TrainSettings(max_steps=6, checkpoint_every=2, **FAST), tiny_model_dir, cpu, project)
     saved = list((project.dir / "checkpoints").glob("*.ckpt"))
     assert [p.name for p in saved] == ["step_000000002.ckpt"]

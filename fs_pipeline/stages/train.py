@@ -248,32 +248,40 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
     val_every = settings.val_every or settings.checkpoint_every
     last_path, train_loss, val_loss, stopped_by = None, None, None, 0
     bar = tqdm(total=settings.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not world.is_main)
+
+    def micro_batches(consumed: int) -> list[Batch]:
+        # this process's micro-batches of the step's effective batch: the k-th takes the k-th run of
+        # batch_size x processes examples, and in it the rank-th batch_size
+        return [
+            _batch(train_examples, consumed + (k * world.size + world.rank) * settings.batch_size, settings.batch_size,
+                   settings.seed, model, choice.device)
+            for k in range(settings.gradient_accumulation_steps)
+        ]
+
+    batches = micro_batches(consumed)
     try:
         while step < settings.max_steps and not stopped_by:
             started = time.perf_counter()
-            # this process's micro-batches of the step's effective batch: the k-th takes the k-th run of
-            # batch_size x processes examples, and in it the rank-th batch_size
-            micro_batches = [
-                _batch(train_examples, consumed + (k * world.size + world.rank) * settings.batch_size, settings.batch_size,
-                       settings.seed, model, choice.device)
-                for k in range(settings.gradient_accumulation_steps)
-            ]
             positions, counts = _step_sizes(sizes, consumed, effective_batch, settings.seed)
-            totals = accumulate_gradients(model, micro_batches, choice, settings.gradient_checkpointing, scaler, world, trainer, counts)
+            sums = accumulate_gradients(model, batches, choice, settings.gradient_checkpointing, scaler, world, trainer, counts)
             scaler.unscale_(optimizer)  # clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            _check_finite(step + 1, totals["loss"], float(grad_norm), ckpt_dir, overflow_skips=scaler.is_enabled())
             scaler.step(optimizer)  # skipped when fp16 gradients overflowed
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            # all that is queued for the GPU: the next step's batches are made and copied meanwhile
+            batches = micro_batches(consumed + effective_batch)
+            *values, grad_norm = sums.read(grad_norm)  # the step's one wait for the GPU
+            totals = sums.totals(values)
+            _check_finite(step + 1, totals["loss"], grad_norm, ckpt_dir, overflow_skips=scaler.is_enabled())
             step += 1
             consumed += effective_batch
             train_loss = totals["loss"]
             stopped_by = distributed.agree_on_signal(stop.number, world, choice.device)
 
             metrics = {
-                "step": step, **totals, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                "step": step, **totals, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                 "tokens_per_second": positions / (time.perf_counter() - started),  # of all processes together
             }
             if choice.type == "cuda":
@@ -310,15 +318,16 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
 
 
 def _check_finite(step: int, loss: float, grad_norm: float, ckpt_dir: Path, overflow_skips: bool = False) -> None:
-    """A non-finite loss or gradient stops training before the step is applied, so no checkpoint ever holds
-    non-finite weights. With `overflow_skips` (fp16's gradient scaler) a non-finite gradient is an overflow of
-    the scaled loss: the scaler skips that step and lowers its scale."""
+    """A non-finite loss or gradient stops training before the step is saved, so no checkpoint ever holds
+    non-finite weights (the step's update was queued before its loss was known: the GPU never waits for that look).
+    With `overflow_skips` (fp16's gradient scaler) a non-finite gradient is an overflow of the scaled loss: the
+    scaler skipped that step and lowered its scale."""
     if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow_skips):
         return
     last = checkpoints.latest(ckpt_dir)
     raise PipelineError(
         f"training stopped at step {step}: the loss is {loss} and the gradient norm {grad_norm}, not finite; nothing of this "
-        f"step was applied and {last.path if last else 'no checkpoint'} is the last good one: lower --learning-rate and rerun"
+        f"step was saved and {last.path if last else 'no checkpoint'} is the last good one: lower --learning-rate and rerun"
     )
 
 
@@ -428,9 +437,11 @@ PAD_MULTIPLE = 64
 
 def _pad(picks, model, device) -> Batch:
     """Examples right-padded to the longest (on CUDA rounded up to PAD_MULTIPLE), moved to `device`. Frame positions and target counts are found
-    here on the CPU, so that the GPU never waits for the host."""
+    here on the CPU, so that the GPU never waits for the host; on CUDA the copies are queued from pinned memory, so
+    that the host does not wait for the GPU either (a plain copy to the GPU waits for all the work queued before it)."""
     longest = max(x.shape[1] for x, _ in picks)
-    multiple = PAD_MULTIPLE if torch.device(device).type == "cuda" else 1
+    cuda = torch.device(device).type == "cuda"
+    multiple = PAD_MULTIPLE if cuda else 1
     length = min(-(-longest // multiple) * multiple, model.config.max_seq_len)
     rows = picks[0][0].shape[0]
     inputs = torch.zeros(len(picks), rows, length, dtype=torch.long)
@@ -439,8 +450,12 @@ def _pad(picks, model, device) -> Batch:
         inputs[i, :, : x.shape[1]] = x
         labels[i, :, : y.shape[1]] = y
     tokens, codebook_targets = target_counts(model, labels)
-    return Batch(inputs.to(device), labels.to(device), frame_index(model, labels).to(device), sum(x.shape[1] for x, _ in picks),
-                 int(tokens), int(codebook_targets))
+    frames = frame_index(model, labels)
+    if cuda:
+        inputs, labels, frames = (t.pin_memory().to(device, non_blocking=True) for t in (inputs, labels, frames))
+    else:
+        inputs, labels, frames = (t.to(device) for t in (inputs, labels, frames))
+    return Batch(inputs, labels, frames, sum(x.shape[1] for x, _ in picks), int(tokens), int(codebook_targets))
 
 
 class TrainingForward(torch.nn.Module):
@@ -456,15 +471,35 @@ class TrainingForward(torch.nn.Module):
         return forward(self.model, inputs, labels, frames, gradient_checkpointing, compiled_loss=self.compiled)
 
 
+@dataclass(frozen=True)
+class StepSums:
+    """A step's token loss, codebook loss and top-5 hits summed over the effective batch, still on the device, and
+    its token and codebook target counts: reading the sums waits for the GPU, so the caller chooses when."""
+    sums: torch.Tensor
+    tokens: int
+    targets: int
+
+    def read(self, *more: torch.Tensor) -> list[float]:
+        """The three sums and then `more` (0-d tensors), in one wait for the GPU."""
+        return torch.cat([self.sums, *(value.reshape(1).float() for value in more)]).tolist()
+
+    def totals(self, values: list[float] | None = None) -> dict[str, float]:
+        """The step's losses and top-5 accuracy, from `values` (read()'s first three) or by reading them."""
+        token_sum, codebook_sum, hits = values or self.read()
+        return {"loss": token_sum / self.tokens + codebook_sum / self.targets, "token_loss": token_sum / self.tokens,
+                "codebook_loss": codebook_sum / self.targets, "top5_accuracy": hits / self.tokens}
+
+
 def accumulate_gradients(model, batches: list[Batch], choice: DeviceChoice, gradient_checkpointing: bool = False,
                          scaler: torch.amp.GradScaler | None = None, world: World = SINGLE, trainer: torch.nn.Module | None = None,
-                         counts: tuple[int, int] | None = None) -> dict[str, float]:
+                         counts: tuple[int, int] | None = None) -> StepSums:
     """Backward over this process's micro-batches of one optimizer step, token-weighted: each loss is the sum
     of its per-target losses over the whole effective batch divided by the effective batch's number of
     targets (`counts`: token and codebook targets of all processes' micro-batches; by default, those of
     `batches`), so 4 micro-batches of 1 give the gradients of one batch of 4, and so do 2 processes with 2
     micro-batches of 1 each. `trainer` runs the forward: distributed.wrap(TrainingForward(model)) on several
-    processes. Returns the step's losses and top-5 accuracy over the effective batch."""
+    processes. Returns the sums of the step's losses and top-5 hits over the effective batch, without waiting for
+    the GPU to finish them."""
     tokens, targets = counts or (sum(b.tokens for b in batches), sum(b.codebook_targets for b in batches))
     tokens, targets = max(1, tokens), max(1, targets)
     trainer = trainer or TrainingForward(model)
@@ -479,9 +514,7 @@ def accumulate_gradients(model, batches: list[Batch], choice: DeviceChoice, grad
             (scaler.scale(loss) if scaler else loss).backward()
         hits = result.top5_accuracy * result.tokens
         sums += torch.stack([result.token_loss_sum.detach(), result.codebook_loss_sum.detach(), hits.detach()]).float()
-    token_sum, codebook_sum, hits = distributed.all_sum(sums, world).tolist()  # one wait for the GPU per step
-    return {"loss": token_sum / tokens + codebook_sum / targets, "token_loss": token_sum / tokens,
-            "codebook_loss": codebook_sum / targets, "top5_accuracy": hits / tokens}
+    return StepSums(distributed.all_sum(sums, world), tokens, targets)
 
 
 @torch.no_grad()
