@@ -94,6 +94,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q (batch, heads, length, dim) over a KV cache's k and v (batch, fewer heads, positions, dim) with
+    the boolean `mask` (broadcastable to (batch, 1, length, positions)): the values of fish-speech's attention, which
+    repeats the whole cache to every head at every step, with the cache read as it is. The query heads that share a
+    key-value head become rows of one query block over that head (a query's attention depends on its own row alone),
+    and the mask is tiled to match: no copy of the cache, and a kernel that takes a mask (flash takes none, and SDPA's
+    enable_gqa on CUDA takes only flash's and the math kernel)."""
+    batch, heads, length, dim = q.shape
+    groups = heads // k.shape[1]
+    rows = q.reshape(batch, k.shape[1], groups * length, dim)  # row g * length + i: query head (kv head * groups + g), position i
+    mask = mask.repeat(1, 1, groups, 1)
+    # compiled (synthesis's decoding steps): the sums written out, which inductor fuses into two reductions that each
+    # read the cache once; cuDNN's kernel took 44 us a call for these one-position queries (H200)
+    attention = _attention_by_sums if torch.compiler.is_compiling() else F.scaled_dot_product_attention
+    return attention(rows, k, v, attn_mask=mask).reshape(batch, heads, length, dim)
+
+
+def _attention_by_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """scaled_dot_product_attention(q, k, v, attn_mask) (boolean mask, keys and values of q's heads) as sums of
+    products in fp32, as the fused kernels accumulate: for compiled code only (eager, it would hold every product)."""
+    scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5
+    weights = torch.softmax(scores.masked_fill(~attn_mask, -float("inf")), dim=-1)
+    return (weights.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(q.dtype)
+
+
 def _fish_attention_forward(self, x, freqs_cis, mask, input_pos=None):
     """fish-speech 0.1.0's Attention.forward (its SDPA branch), attending through `attend`."""
     from fish_speech.models.text2semantic.llama import apply_rotary_emb
@@ -108,17 +133,19 @@ def _fish_attention_forward(self, x, freqs_cis, mask, input_pos=None):
         q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if self.kv_cache is not None:
-        k, v = self.kv_cache.update(input_pos, k, v)
-    y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
+    if self.kv_cache is not None:  # generation: fish-speech always passes a mask with its caches
+        y = attend_cached(q, *self.kv_cache.update(input_pos, k, v), mask)
+    else:
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
     return self.wo(y.transpose(1, 2).contiguous().view(bsz, seqlen, q_size))
 
 
 def use_grouped_attention(model) -> None:
     """Make S1-mini's slow transformer (fish-speech's modules, which repeat keys and values to every head and force
-    flash) attend through `attend`: the same values, by the faster kernel. S2-Pro's modules (fs_pipeline.s2pro) call
-    `attend` themselves. The fast transformer keeps fish-speech's own arithmetic (its layers don't use SDPA, and at
-    ten positions that arithmetic was the fastest, benchmarks/train_kernels.py)."""
+    flash) attend through `attend`, and with KV caches (generation) through `attend_cached`: the same values, by the
+    faster kernel, without copying the cache. S2-Pro's modules (fs_pipeline.s2pro) call `attend` themselves. The fast
+    transformer keeps fish-speech's own arithmetic (its layers don't use SDPA, and at ten positions that arithmetic was
+    the fastest, benchmarks/train_kernels.py)."""
     for block in model.layers:
         if getattr(block.attention, "use_sdpa", False):
             block.attention.forward = types.MethodType(_fish_attention_forward, block.attention)

@@ -380,6 +380,21 @@ def test_sampling_is_seeded_in_range_and_leaves_the_global_rng_alone(merged, cpu
     assert first[0].max() < 64 and first[1:].max() < synthesizer.residual_size and first.min() >= 0
 
 
+def test_synthesis_reads_its_kv_caches_grouped_with_fish_speechs_codes(tiny_model_dir, cpu):
+    """The Synthesizer's slow attention reads the grouped keys and values of its caches (modeling.attend_cached); with
+    fish-speech's own Attention.forward put back, which repeats them to every head, every sampled code is the same."""
+    synthesizer = Synthesizer(tiny_model_dir, cpu)
+    assert all("forward" in vars(block.attention) for block in synthesizer.model.layers)
+    settings = SynthesisSettings(max_new_frames=60, seed=3)
+    texts = ["Hello there.", "The weather is calm today, and the sea is flat."]
+    grouped = [synthesizer.generate(text, settings) for text in texts]
+    for block in synthesizer.model.layers:
+        del block.attention.forward
+    assert sum(codes.shape[1] for codes in grouped) > 40
+    for text, codes in zip(texts, grouped):
+        assert torch.equal(synthesizer.generate(text, settings), codes)
+
+
 def run_tts(args, cwd):
     return subprocess.run([sys.executable, str(REPO / "cli_tts.py"), *args], cwd=cwd, capture_output=True, text=True)
 

@@ -18,7 +18,7 @@ one, a codebook target off by one, a wrong count) do not touch logits: the loss 
 import pytest
 import torch
 
-from fs_pipeline.modeling import IGNORE, fast_forward, forward, frame_index, slow_forward, target_counts, use_grouped_attention
+from fs_pipeline.modeling import IGNORE, _attention_by_sums, fast_forward, forward, frame_index, slow_forward, target_counts, use_grouped_attention
 from fs_pipeline.models import load_llm
 from fs_pipeline.prompt import prompt_values, training_example
 
@@ -143,6 +143,44 @@ def test_logits_match_fish_speech_inference_at_every_position(tiny_model_dir, cp
         torch.testing.assert_close(codebook_logits[start : start + len(positions)], their_codebooks, **LOGITS)
         start += len(positions)
     assert start == len(frames)
+
+
+def cached_decoding(model, sequence: torch.Tensor, prompt_length: int, cache_positions: int) -> list[torch.Tensor]:
+    """fish-speech's forward_generate over `sequence` (num_codebooks + 1, length) as synthesis runs it: KV caches of
+    `cache_positions` (more than the sequence, as synthesis sizes them: the mask hides the empty slots), the prompt
+    prefilled at once, then one position a step. Per call: the token logits and the fast transformer's input."""
+    model.setup_caches(max_batch_size=1, max_seq_len=cache_positions, dtype=torch.float32)
+    calls = [(sequence[None, :, :prompt_length], torch.arange(prompt_length))]
+    calls += [(sequence[None, :, t : t + 1], torch.tensor([t])) for t in range(prompt_length, sequence.shape[1])]
+    return [torch.cat([result.logits.flatten(), result.hidden_states.flatten()]) for result in (model.forward_generate(*call) for call in calls)]
+
+
+def test_grouped_attention_reads_the_kv_caches_with_fish_speechs_values_at_every_step(tiny_model_dir, cpu):
+    """Synthesis's path (modeling.attend_cached, grouped keys and values read from the caches) against fish-speech's
+    own attention (the caches repeated to every head) at every step: a prompt's prefill, then 60 frames one by one."""
+    theirs, ours = load_llm(tiny_model_dir, cpu), load_llm(tiny_model_dir, cpu)
+    use_grouped_attention(ours)
+    assert theirs.config.n_head > theirs.config.n_local_heads  # grouped, as in the releases
+    n, turns = theirs.config.num_codebooks, [("Hello there.", codes_for(theirs, 60))]
+    sequence = training_example(theirs.tokenizer, turns, n)[0]
+    prompt_length = prompt_values(theirs.tokenizer, [("Hello there.", None)], n).shape[1]
+    with torch.inference_mode():
+        expected, got = (cached_decoding(model, sequence, prompt_length, 128) for model in (theirs, ours))
+    assert len(got) == len(expected) > 60
+    for step, (mine, reference) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-6, msg=lambda m: f"call {step}: {m}")
+
+
+def test_attention_written_as_sums_equals_sdpa_with_a_mask():
+    """The compiled decoding steps' attention (modeling._attention_by_sums) against SDPA's, with a mask that hides
+    scattered positions of every row; test_perf_paths checks the compiled steps' codes against eager's."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 6, 16, generator=generator)
+    k, v = torch.randn(2, 1, 8, 40, 16, generator=generator)
+    mask = torch.rand(1, 1, 6, 40, generator=generator) > 0.4
+    mask[..., 0] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(_attention_by_sums(q, k, v, attn_mask=mask), expected, rtol=0, atol=1e-6)
 
 
 def test_loss_matches_a_reference_from_fish_speech_logits(tiny_model_dir, cpu, upstream):

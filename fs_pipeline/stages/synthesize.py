@@ -20,9 +20,10 @@ graph cost ten times the tracing and code generation, for the same kernels). On 
 step and fast steps, is then captured in one CUDA graph and replayed once per frame. The KV caches hold
 SHORT_CONTEXT positions when prompt and frames fit there (the slow attention reads the whole cache at every
 step), else the model's whole context; each size is compiled once, and on CUDA the frame's graph is captured again
-whenever the caches change size. warm_up() compiles before the first text
-and keeps the kernels in a cache file keyed by the model's shape, torch's version and the GPU
-(compile_cache_key), so that a later process loads them instead of compiling them again. The codec decoder
+whenever the caches change size. The slow attention reads the grouped keys and values of the caches as they are
+(modeling.attend_cached), where fish-speech's repeats the whole cache to every head at every step.
+warm_up() compiles before the first text and keeps the kernels in a cache file keyed by the model's shape,
+torch's version and the GPU (compile_cache_key), so that a later process loads them instead of compiling them again. The codec decoder
 runs eagerly: compiled for any length it took minutes to build on an H100, for a part of the time that is small
 next to the frames'. stream() hands out audio while frames are still being generated.
 """
@@ -41,6 +42,7 @@ from fs_pipeline import PipelineError
 from fs_pipeline.audio.io import read_wav, write_wav
 from fs_pipeline.device import DeviceChoice
 from fs_pipeline.fileio import atomic_path, user_folder
+from fs_pipeline.modeling import use_grouped_attention
 from fs_pipeline.models import ModelDir, build_llm, load_codec, load_llm, load_llm_weights, model_identity
 from fs_pipeline.prompt import prompt_values
 
@@ -132,6 +134,7 @@ class Synthesizer:
             load_llm_weights(self.model, model_dir)
             load_adapter(self.model, lora, model_identity(model_dir))
             self.model = self.model.to(device=choice.device, dtype=choice.dtype).eval()
+        use_grouped_attention(self.model)  # the slow attention reads its KV caches without repeating them to every head
         self.codec = load_codec(model_dir, choice)
         self.residual_size = int(model_dir.codec_cfg.quantizer.codebook_size)
         self.reference: list[tuple[str, torch.Tensor]] = []
