@@ -21,6 +21,7 @@ import importlib
 import json
 import re
 import shlex
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,7 +353,7 @@ def _fill_from_state(module: torch.nn.Module, state: dict, file: Path, optional=
     # dtype, so a 4B-parameter release is never copied into RAM whole.
     assign = any(p.is_meta for p in module.parameters())
     module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=assign)
-    if left := [name for name, p in module.named_parameters() if p.is_meta]:
+    if left := [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]:
         raise PipelineError(f"{file} left {len(left)} weights of the model unset (first: {left[0]}): load the release weights "
                             "before adding adapters")
 
@@ -462,22 +463,46 @@ def _build(node, source, key: str):
 def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     """The codec with its release weights, weight norm folded, in eval mode. It runs in fp32: it is small next to the LLM,
     and its quantizer's nearest-codeword search is sensitive to rounding. Its Snake activations are computed by
-    FusedSnake on CUDA where Triton works there, by InPlaceSnake off CUDA, and by the library's own version otherwise."""
-    codec = build_codec(model_dir.codec_cfg, model_dir.version, model_dir.codec_config_file)
+    FusedSnake on CUDA where Triton works there, by InPlaceSnake off CUDA, and by the library's own version otherwise;
+    its causal transformers make their attention masks where they run (_make_masks_on_device)."""
+    codec = codec_skeleton(model_dir.codec_cfg, model_dir.version, model_dir.codec_config_file)
     file = model_dir.path / "codec.pth"
     state = _read_state_dict(file)
     if any(k.startswith("generator.") for k in state):  # a full GAN training checkpoint
         state = {k.removeprefix("generator."): v for k, v in state.items() if k.startswith("generator.")}
     # The codec computes these from its config; a checkpoint's copies may be of another length (open_model_dir
     # checked that their lengths are this version's)
-    state = {k: v for k, v in state.items() if not k.endswith(DERIVED_CODEC_BUFFERS)}
+    built = codec.state_dict()
+    # each weight in the dtype the codec's classes make it (fp32), whatever the file stores
+    state = {k: v.to(built[k].dtype) if k in built else v for k, v in state.items() if not k.endswith(DERIVED_CODEC_BUFFERS)}
     _fill_from_state(codec, state, file, optional=DERIVED_CODEC_BUFFERS)
     if choice.device.type != "cuda":
         _swap_snakes(codec, InPlaceSnake)
     elif fused_snake_works(choice.device):
         _swap_snakes(codec, FusedSnake)
+    _make_masks_on_device(codec)
+    codec = codec.to(choice.device)
+    # folded where the codec runs: the weights the library would compute there on every call, the CPU spared the work
     _fold_weight_norm(codec)
-    return codec.to(choice.device).eval()
+    return codec.eval()
+
+
+def codec_skeleton(codec_cfg, version: ModelVersion, source: Path | str):
+    """build_codec's codec with its weights not yet allocated (meta) until load_codec assigns the file's, so that
+    no random initial weights are drawn (seconds at S1-mini size, every start-up); the tables its transformers
+    compute rather than store (RoPE, causal mask) made on the CPU as their __init__ makes them."""
+    from fish_speech.models.dac.modded_dac import Transformer, precompute_freqs_cis
+
+    with torch.device("meta"):
+        codec = build_codec(codec_cfg, version, source)
+    for module in codec.modules():
+        if isinstance(module, Transformer):
+            config = module.config
+            rope = config.pos_embed_type == "rope"
+            module.freqs_cis = precompute_freqs_cis(config.block_size, config.head_dim, config.rope_base) if rope else None
+            # in place: torch.tril's copy doubles the time for a 16384 x 16384 mask
+            module.causal_mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril_()
+    return codec
 
 
 def _fold_weight_norm(codec: torch.nn.Module) -> None:
@@ -593,6 +618,43 @@ def _swap_snakes(codec: torch.nn.Module, cls) -> None:
         for name, child in module.named_children():
             if isinstance(child, Snake1d):
                 setattr(module, name, cls(child.alpha))
+
+
+def causal_window_mask(length: int, window_size: int | None, device: torch.device) -> torch.Tensor:
+    """The attention mask of fish-speech's causal WindowLimitedTransformer over `length` positions, (1, 1, length,
+    length) bool, made on `device`: position i attends to i and the window_size - 1 before it (all before it
+    without a window), as make_window_limited_mask and make_mask give it."""
+    positions = torch.arange(length, device=device)
+    rows, columns = positions[:, None], positions[None, :]
+    window = window_size or length  # as fish-speech's: no window (None, or 0) reaches back to the start
+    return ((columns <= rows) & (columns >= (rows - window + 1).clamp(min=0)))[None, None]
+
+
+def _causal_transformer_forward(self, x: torch.Tensor, x_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """WindowLimitedTransformer.forward (fish-speech 0.1.0) of a causal transformer, op for op, with its mask made by
+    causal_window_mask on x's device. fish-speech's builds it on the CPU (a float ones(n, n), tril, comparisons) at
+    every call and copies it over with mask.to(x.device), a blocking copy: on CUDA the host waits there for all the
+    work queued before it, and the GPU then idles while the host builds the next mask and queues the next kernels
+    (a profiled extract run kept the GPU busy 73% of its time, most of the host's in those waits)."""
+    from fish_speech.models.dac.modded_dac import Transformer
+
+    if self.channels_first:
+        x = x.transpose(1, 2)
+    x = self.look_ahead_conv(self.input_proj(x))  # (B, T, D)
+    input_pos = torch.arange(x.shape[1], device=x.device)
+    x = Transformer.forward(self, x, input_pos, causal_window_mask(x.shape[1], self.window_size, x.device))
+    x = self.output_proj(x)
+    return x.transpose(1, 2) if self.channels_first else x
+
+
+def _make_masks_on_device(codec: torch.nn.Module) -> None:
+    """Gives every causal WindowLimitedTransformer _causal_transformer_forward (state-dict keys unchanged). A
+    non-causal one keeps fish-speech's forward, which this doesn't reproduce (no release has one)."""
+    from fish_speech.models.dac.modded_dac import WindowLimitedTransformer
+
+    for module in codec.modules():
+        if isinstance(module, WindowLimitedTransformer) and module.causal:
+            module.forward = types.MethodType(_causal_transformer_forward, module)
 
 
 def model_identity(model_dir: ModelDir, hash_file=file_hash) -> str:

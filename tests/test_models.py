@@ -2,9 +2,11 @@ import json
 
 import pytest
 import torch
+import yaml
 
-from fs_pipeline import PipelineError
-from fs_pipeline.models import DERIVED_CODEC_BUFFERS, InPlaceSnake, build_codec, build_llm, load_codec, load_llm, load_llm_weights, model_identity, open_model_dir
+from fs_pipeline import PipelineError, models
+from fs_pipeline.models import (CODEC_CONFIG_FILE, DERIVED_CODEC_BUFFERS, InPlaceSnake, build_codec, build_llm, codec_skeleton, load_codec,
+                                load_llm, load_llm_weights, model_identity, open_model_dir)
 
 
 def logits_of(llm) -> torch.Tensor:
@@ -72,17 +74,143 @@ def test_in_place_snakes_and_folded_weight_norm_give_the_library_codecs_values_e
     assert any(isinstance(m, InPlaceSnake) for m in codec.modules())
     assert not any(isinstance(m, Snake1d) for m in codec.modules())
     assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in codec.modules())  # weight norm folded
-    library = build_codec(tiny_model_dir.codec_cfg).eval()  # the library's layers, weight norm on every call
-    state = torch.load(tiny_model_dir.path / "codec.pth", map_location="cpu", weights_only=True)
-    missing, unexpected = library.load_state_dict(state, strict=False)
+    library = weights_from_file(build_codec(tiny_model_dir.codec_cfg), tiny_model_dir.path).eval()  # weight norm on every call
+    assert_same_codes_and_audio(codec, library, tiny_model_dir.version.sample_rate)
+
+
+def weights_from_file(codec, model_path):
+    """`codec` with the weights of model_path's codec.pth copied over its own (all but the derived tables)."""
+    state = torch.load(model_path / "codec.pth", map_location="cpu", weights_only=True)
+    missing, unexpected = codec.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith(DERIVED_CODEC_BUFFERS) for k in missing)
-    rate = tiny_model_dir.version.sample_rate
+    return codec
+
+
+def assert_same_codes_and_audio(ours, theirs, rate):
+    """Both codecs give the same codes and frame counts for two random clips, and the same audio back from them."""
     audio, lengths = 0.3 * torch.randn(2, 1, rate), torch.tensor([rate, rate // 2])
     with torch.inference_mode():
-        codes, frames = codec.encode(audio, lengths)
+        codes, frames = ours.encode(audio, lengths)
+        their_codes, their_frames = theirs.encode(audio, lengths)
+        assert torch.equal(codes, their_codes) and torch.equal(frames, their_frames)
+        assert torch.equal(ours.decode(codes, frames)[0], theirs.decode(codes, frames)[0])
+
+
+def with_codec_transformers(model_path) -> None:
+    """Gives the model folder's codec the release's quantizer transformers (small): layers whose RoPE tables and causal
+    masks the codec derives from its config rather than loads, which the tiny kit's codec does not have."""
+    file = model_path / CODEC_CONFIG_FILE
+    cfg = yaml.safe_load(file.read_text())
+    transformer = {"_target_": "fish_speech.models.dac.modded_dac.WindowLimitedTransformer", "causal": True, "window_size": 128,
+                   "input_dim": cfg["quantizer"]["input_dim"],
+                   "config": {"_target_": "fish_speech.models.dac.modded_dac.ModelArgs", "block_size": 4096, "n_layer": 1, "n_head": 2,
+                              "dim": 32, "intermediate_size": 64, "head_dim": 16, "channels_first": True}}
+    cfg["quantizer"].update(pre_module=transformer, post_module=transformer)
+    file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    torch.manual_seed(3)
+    codec = build_codec(open_model_dir(model_path).codec_cfg)
+    torch.save({k: v for k, v in codec.state_dict().items() if not k.endswith(DERIVED_CODEC_BUFFERS)}, model_path / "codec.pth")
+
+
+def test_the_codec_is_built_without_random_weights_and_loads_as_the_randomly_built_one(tiny_model_copy, cpu):
+    """load_codec builds on the meta device and assigns the file's tensors; before, it built the codec with random
+    weights and copied the file's over them. Same tables, same weights, same codes and audio."""
+    with_codec_transformers(tiny_model_copy)
+    model_dir = open_model_dir(tiny_model_copy)
+    skeleton = codec_skeleton(model_dir.codec_cfg, model_dir.version, "test")
+    assert all(p.is_meta for p in skeleton.parameters())  # nothing drawn: load_codec assigns every weight
+    random = build_codec(model_dir.codec_cfg)
+    derived = dict(random.named_buffers())
+    assert {name.rpartition(".")[2] for name in derived} == set(DERIVED_CODEC_BUFFERS)
+    assert derived.keys() == dict(skeleton.named_buffers()).keys()
+    for name, table in skeleton.named_buffers():
+        assert torch.equal(table, derived[name]) and table.dtype == derived[name].dtype, name
+
+    # the old way: random weights, the file's copied over them, then what load_codec does to them
+    weights_from_file(random, tiny_model_copy)
+    models._swap_snakes(random, InPlaceSnake)
+    models._fold_weight_norm(random)
+    old, loaded = random.eval(), load_codec(model_dir, cpu)
+    assert old.state_dict().keys() == loaded.state_dict().keys()
+    assert all(torch.equal(v, loaded.state_dict()[k]) and v.dtype == loaded.state_dict()[k].dtype for k, v in old.state_dict().items())
+    assert_same_codes_and_audio(loaded, old, model_dir.version.sample_rate)
+
+
+def codec_with_transformers():
+    """A small codec with every transformer the release's runs (the encoder's last block, with fish-speech's window of
+    512, and the quantizer's pre- and post-module, with a window of 8), randomly initialised, in eval mode."""
+    from omegaconf import OmegaConf
+
+    from fs_pipeline.tiny_model import codec_config
+
+    torch.manual_seed(0)
+    config = codec_config(44100, semantic=64, residual=3, residual_size=32, block_size=4096)
+    config["encoder_transformer_layers"] = [0, 0, 0, 1]  # 64 channels there: one head of 64
+    transformer = {
+        "_target_": "fish_speech.models.dac.modded_dac.WindowLimitedTransformer", "causal": True, "window_size": 8,
+        "input_dim": 64, "config": {"_target_": "fish_speech.models.dac.modded_dac.ModelArgs", "block_size": 4096,
+                                    "n_layer": 2, "n_head": 2, "dim": 32, "head_dim": 16, "intermediate_size": 64},
+    }
+    config["quantizer"] |= {"pre_module": transformer, "post_module": transformer}
+    return build_codec(OmegaConf.create(config)).eval()
+
+
+@pytest.mark.parametrize("window_size", [None, 0, 1, 3, 8, 128, 512])
+def test_causal_window_masks_are_fish_speechs(window_size):
+    from fish_speech.models.dac.modded_dac import ModelArgs, WindowLimitedTransformer
+
+    layer = WindowLimitedTransformer(ModelArgs(block_size=1024, n_layer=1, n_head=1, dim=16, head_dim=16, intermediate_size=16),
+                                     input_dim=16, window_size=window_size)
+    for length in (1, 2, 7, 8, 9, 130, 600):
+        # the one fish-speech's forward picks
+        theirs = layer.make_mask(length) if window_size is None else layer.make_window_limited_mask(length)
+        ours = models.causal_window_mask(length, window_size, torch.device("cpu"))
+        assert ours.dtype == theirs.dtype == torch.bool and ours.shape == theirs.shape == (1, 1, length, length)
+        assert ours.stride() == theirs.stride()  # the layout the attention kernels see
+        assert torch.equal(ours, theirs), (length, window_size)
+
+
+def test_masks_made_on_the_device_give_the_library_codecs_codes_and_audio(monkeypatch):
+    """Encode and decode with the masks made by causal_window_mask equal fish-speech's, over more positions than
+    every window (the encoder's 512, the quantizer's 8)."""
+    from fish_speech.models.dac.modded_dac import WindowLimitedTransformer
+
+    library = codec_with_transformers()
+    codec = codec_with_transformers()  # the same weights (seeded)
+    models._make_masks_on_device(codec)
+    transformers = [m for m in codec.modules() if isinstance(m, WindowLimitedTransformer)]
+    assert len(transformers) == 3 and all("forward" in vars(m) for m in transformers)
+    audio = 0.1 * torch.randn(2, 1, 7 * 44100, generator=torch.Generator().manual_seed(1))  # 603 encoder positions
+    lengths = torch.tensor([7 * 44100, 3 * 44100])
+    with torch.inference_mode():
         library_codes, library_frames = library.encode(audio, lengths)
-        assert torch.equal(codes, library_codes) and torch.equal(frames, library_frames)
-        assert torch.equal(codec.decode(codes, frames)[0], library.decode(codes, frames)[0])
+        library_audio = library.decode(library_codes, library_frames)[0]
+        with monkeypatch.context() as patched:  # fish-speech's mask builders never run in the swapped codec
+            for name in ("make_mask", "make_window_limited_mask"):
+                patched.setattr(WindowLimitedTransformer, name, None)
+            codes, frames = codec.encode(audio, lengths)
+            decoded = codec.decode(codes, frames)[0]
+    assert codes.shape[-1] > 8
+    assert torch.equal(codes, library_codes) and torch.equal(frames, library_frames)
+    assert torch.equal(decoded, library_audio)
+
+
+def test_a_non_causal_transformer_keeps_fish_speechs_forward():
+    from fish_speech.models.dac.modded_dac import ModelArgs, WindowLimitedTransformer
+
+    layer = WindowLimitedTransformer(ModelArgs(block_size=64, n_layer=1, n_head=1, dim=16, head_dim=16, intermediate_size=16),
+                                     input_dim=16, causal=False)
+    models._make_masks_on_device(torch.nn.Sequential(layer))
+    assert "forward" not in vars(layer)
+
+
+def test_the_loaded_codec_makes_its_masks_on_the_device(tiny_model_copy, cpu):
+    from fish_speech.models.dac.modded_dac import WindowLimitedTransformer
+
+    with_codec_transformers(tiny_model_copy)
+    codec = load_codec(open_model_dir(tiny_model_copy), cpu)
+    transformers = [m for m in codec.modules() if isinstance(m, WindowLimitedTransformer)]
+    assert transformers and all(vars(m)["forward"].__func__ is models._causal_transformer_forward for m in transformers)
 
 
 def test_missing_tokenizer_is_named(tiny_model_copy):
