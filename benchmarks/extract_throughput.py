@@ -15,16 +15,24 @@ release-size codec with random weights.
 Each row, upstream's included, runs twice, timed the second time ("first run" is the first: it includes
 the warm-up of the codec's first calls, and the encoder's compilation with --compile-encoder). Our rows
 cover every combination of --batch-sizes, --snakes (the codec's Snake activations: fused on CUDA, as
-load_codec gives them, or the library's; off CUDA both are load_codec's in-place Snake) and, with
---compile-encoder, eager and compiled. "codes as upstream" is the share of code entries equal to those of
-upstream's fp32 run. On CUDA, --snakes with both kinds also times one activation alone, and --profile lists
-the CUDA kernels of one batch's encode by time.
+load_codec gives them, or the library's; off CUDA both are load_codec's in-place Snake), --matmul (the
+codec's matmuls in fp32, as the stage runs them, or, as an experiment, TF32 on CUDA: PyTorch's
+torch.backends.cuda.matmul.allow_tf32 set for the row's runs and restored after, so every matmul of the codec,
+the nearest-codeword searches' too, runs in TF32; CPU runs fp32 either way) and, with --compile-encoder, eager
+and compiled. "codes as upstream" is the share of code entries equal to those of
+upstream's fp32 run, "semantic codes as upstream" the same for the first codebook alone (the one the LLM's
+slow transformer predicts). After the rows, one batch's encode (first --batch-sizes, first --snakes) is
+timed alone: the codec's own encode against extract.encode in each --matmul. On CUDA, --snakes with both
+kinds also times one activation alone, and --profile lists the CUDA kernels of that batch's encode by time
+(first --matmul), then profiles one whole extract.run of the first row: how much of its wall time the GPU
+was busy, and the host's calls by time (waits such as cudaStreamSynchronize show where the host held the
+GPU up).
 """
 
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from unittest.mock import patch
 
@@ -42,6 +50,22 @@ from fs_pipeline.manifest import Manifest
 from fs_pipeline.models import DERIVED_CODEC_BUFFERS, FusedSnake, build_codec, load_codec, open_model_dir
 from fs_pipeline.stages import extract
 from fs_pipeline.tiny_model import write_tiny_model
+
+MATMULS = ("fp32", "tf32")  # what --matmul takes
+
+
+@contextmanager
+def matmul_precision(matmul: str):
+    """CUDA matmuls in TF32 inside for "tf32", in fp32 for "fp32"; PyTorch's process-wide flag restored after, so
+    that the rows after (and upstream's reference run) keep PyTorch's default. The legacy flag, as torch 2.9+
+    refuses to report a precision set through a mix of its two APIs."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = matmul == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
 
 def write_clips(folder: Path, count: int, sample_rate: int, max_seconds: float, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
@@ -73,6 +97,15 @@ def upstream_style(data: Path, codec, device, sample_rate: int, chunk_size: int)
             np.save(f.with_suffix(".npy"), codes[row, :, : frames[row]].cpu().numpy())
 
 
+def codes_as(reference: dict[Path, np.ndarray]) -> tuple[float, float]:
+    """The shares of code entries, and of the first codebook's, equal to `reference`'s (wav -> codes) in the .npy
+    files now beside those wavs."""
+    codes = {wav: np.load(wav.with_suffix(".npy")) for wav in reference}
+    every = np.concatenate([(codes[wav] == reference[wav]).ravel() for wav in reference])
+    semantic = np.concatenate([codes[wav][0] == reference[wav][0] for wav in reference])
+    return float(every.mean()), float(semantic.mean())
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -101,21 +134,65 @@ def time_activations(library_codec, fused_codec, device, sample_rate: int, secon
     click.echo(f"fused vs library's Snake: {equal:.4%} of values equal, max |difference| {diff:.2e}")
 
 
-def profile_encode(codec, data: Path, device, sample_rate: int, batch_size: int) -> None:
-    """The CUDA kernels of one encode of `batch_size` clips (the first in listing order), by total time."""
+def first_batch(data: Path, sample_rate: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `batch_size` clips in listing order, padded to the longest, on `device`, and their lengths."""
     audios = [torch.from_numpy(read_wav(f, sample_rate)) for f in sorted(data.rglob("*.wav"))[:batch_size]]
     batch = torch.zeros(len(audios), 1, max(len(a) for a in audios))
     for row, audio in enumerate(audios):
         batch[row, 0, : len(audio)] = audio
-    batch, lengths = batch.to(device), torch.tensor([len(a) for a in audios], device=device)
-    with torch.inference_mode():
-        codec.encode(batch, lengths)  # warm-up
+    return batch.to(device), torch.tensor([len(a) for a in audios], device=device)
+
+
+def time_encodes(codec, batch: torch.Tensor, lengths: torch.Tensor, matmuls: list[str], sample_rate: int) -> None:
+    """One batch's encode alone: the codec's own encode against extract.encode (codes only) in each precision,
+    with the share of codes equal to the first's."""
+    calls = [("codec.encode (fp32)", "fp32", lambda: codec.encode(batch, lengths)[0])]
+    calls += [(f"extract.encode ({matmul})", matmul, lambda: extract.encode(codec, batch)) for matmul in matmuls]
+    results = {}
+    for name, matmul, call in calls:
+        with torch.inference_mode(), matmul_precision(matmul):
+            call()  # warm-up
+            synchronize(batch.device)
+            start = time.perf_counter()
+            for _ in range(3):
+                results[name] = call()
+            synchronize(batch.device)
+        seconds = (time.perf_counter() - start) / 3
+        same = (results[name] == next(iter(results.values()))).float().mean().item()
+        click.echo(f"One encode of {tuple(batch.shape)} ({batch.shape[-1] / sample_rate:.1f} s each padded), {name}: "
+                   f"{seconds * 1e3:.1f} ms, {batch.shape[0] * batch.shape[-1] / sample_rate / seconds:.0f} audio-s/s padded, "
+                   f"{same:.2%} of codes as codec.encode's")
+
+
+def profile_encode(codec, batch: torch.Tensor, sample_rate: int, matmul: str) -> None:
+    """The CUDA kernels of one extract.encode of `batch`, by total time."""
+    device = batch.device
+    with torch.inference_mode(), matmul_precision(matmul):
+        extract.encode(codec, batch)  # warm-up
         synchronize(device)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-            codec.encode(batch, lengths)
+            extract.encode(codec, batch)
             synchronize(device)
-    click.echo(f"Profile of one encode ({len(audios)} clips, {batch.shape[-1] / sample_rate:.1f} s each padded):")
+    click.echo(f"Profile of one encode ({batch.shape[0]} clips, {batch.shape[-1] / sample_rate:.1f} s each padded, "
+               f"{matmul} matmuls):")
     click.echo(profiler.key_averages().table(sort_by="device_time_total", row_limit=15, max_name_column_width=70))
+
+
+def profile_run(extract_once, device) -> None:
+    """One whole extract.run under the profiler: the share of its wall time with a kernel or copy on the GPU, and
+    the host's calls by their own time. The profiler's own overhead lowers that share somewhat."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        extract_once()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    # the GPU's own events (kernels, copies) alone: a host op's device time counts its kernels a second time
+    on_gpu = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(event.device_time_total for event in on_gpu) / 1e6
+    click.echo(f"Profile of one extract.run: {wall:.2f} s of wall time, GPU busy {busy:.2f} s ({busy / wall:.0%}). "
+               "The host's calls by their own time (DataLoader...__next__ is waiting for decoded clips):")
+    click.echo(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
 
 
 @click.command()
@@ -129,13 +206,18 @@ def profile_encode(codec, data: Path, device, sample_rate: int, batch_size: int)
 @click.option("--compile-encoder", is_flag=True, help="Also time ours with the encoder compiled (ExtractSettings.compile).")
 @click.option("--snakes", default="fused", show_default=True,
               help="Our codec's Snake activations to measure: fused (load_codec's default: fused on CUDA), library, or both.")
-@click.option("--profile", is_flag=True, help="On CUDA, list the kernels of one encode (first --batch-sizes, first --snakes).")
+@click.option("--matmul", default="fp32", show_default=True,
+              help=f"The codec's matmul precision on CUDA to measure: {' or '.join(MATMULS)}, or both comma-separated "
+                   "(tf32: an experiment, PyTorch's TF32 switch set around the row; the stage runs fp32).")
+@click.option("--profile", is_flag=True,
+              help="On CUDA, list the kernels of one encode and profile one extract.run (first --batch-sizes, --snakes, --matmul).")
 @click.option("--device", default=None)
 @click.option("--no-record", is_flag=True, help="Print only; don't append to RESULTS.md (smoke tests).")
-def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chunk, compile_encoder, snakes, profile,
+def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chunk, compile_encoder, snakes, matmul, profile,
          device, no_record):
-    snakes = snakes.split(",")
+    snakes, matmuls = snakes.split(","), matmul.split(",")
     assert set(snakes) <= {"fused", "library"}, snakes
+    assert set(matmuls) <= set(MATMULS), matmuls
     choice = select_device(device)
     work = Path(tempfile.mkdtemp(prefix="fs-bench-extract-"))
     try:
@@ -165,9 +247,6 @@ def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chun
 
         if choice.type == "cuda" and len(snakes) == 2:
             time_activations(codec_for("library", False), codec_for("fused", False), choice.device, model_dir.version.sample_rate)
-        if profile and choice.type == "cuda":
-            profile_encode(codec_for(snakes[0], False), data, choice.device, model_dir.version.sample_rate,
-                           int(batch_sizes.split(",")[0]))
 
         rows = []
         start = time.perf_counter()
@@ -176,38 +255,53 @@ def main(full_codec, clips, max_seconds, batch_sizes, num_workers, upstream_chun
         upstream_rate = audio_seconds / (time.perf_counter() - start)
         wavs = sorted(data.rglob("*.wav"))
         reference = {wav: np.load(wav.with_suffix(".npy")) for wav in wavs}
-        rows.append((f"upstream approach (chunks of {upstream_chunk}, listing order, main-thread decode)", "library's, eager",
-                     upstream_first_rate, upstream_rate, 1.0))
-        variants = [(b, s, c) for b in [int(b) for b in batch_sizes.split(",")] for s in snakes
-                    for c in ([False, True] if compile_encoder else [False])]
-        for batch_size, snake, compiled in variants:
+        rows.append((f"upstream approach (chunks of {upstream_chunk}, listing order, main-thread decode)", "library's, eager, fp32",
+                     upstream_first_rate, upstream_rate, 1.0, 1.0))
+        variants = [(b, s, c, m) for b in [int(b) for b in batch_sizes.split(",")] for s in snakes
+                    for c in ([False, True] if compile_encoder else [False]) for m in matmuls]
+        on_gpu = choice.type == "cuda"
+
+        def extract_once(settings: extract.ExtractSettings, snake: str, matmul: str, manifest_name: str) -> None:
+            (data / extract.CODES_RECORD).unlink(missing_ok=True)  # no records: every clip is extracted
+            with matmul_precision(matmul):
+                extract.run(settings, model_dir, choice, Manifest(work / manifest_name), codec_for(snake, settings.compile))
+
+        first_variant = None  # (settings, snake, matmul) of the first row, which --profile profiles
+        for batch_size, snake, compiled, precision in variants:
             codec = codec_for(snake, compiled)
             settings = extract.ExtractSettings(data, batch_size=batch_size, num_workers=num_workers, compile=compiled)
+            first_variant = first_variant or (settings, snake, precision)
             file_hash(model_dir.path / "codec.pth")  # a first run hashes the codec once (1-2 s at full size)
             rates = []
             for attempt in ("first", "timed"):
-                (data / extract.CODES_RECORD).unlink(missing_ok=True)  # no records: every clip is extracted
-                manifest = Manifest(work / f"manifest-{batch_size}-{snake}-{compiled}-{attempt}.json")
                 start = time.perf_counter()
-                extract.run(settings, model_dir, choice, manifest, codec)
+                extract_once(settings, snake, precision, f"manifest-{batch_size}-{snake}-{compiled}-{precision}-{attempt}.json")
                 synchronize(choice.device)
                 rates.append(audio_seconds / (time.perf_counter() - start))
-            same = np.mean(np.concatenate([(np.load(wav.with_suffix(".npy")) == reference[wav]).ravel() for wav in wavs]))
-            on_gpu = choice.type == "cuda"
+            same, same_semantic = codes_as(reference)
             encoder = ", ".join(["weight norm folded",
                                  "fused Snake" if any(isinstance(m, FusedSnake) for m in codec.modules()) else "library's Snake" if on_gpu else "in-place Snake",
-                                 "compiled" if compiled and on_gpu else "eager"])
+                                 "compiled" if compiled and on_gpu else "eager",
+                                 f"{precision} matmuls" if on_gpu or precision == "fp32"
+                                 else f"fp32 matmuls ({precision} is CUDA only)"])
             rows.append((f"fs-pipeline, batch {batch_size} (at most {settings.max_batch_seconds:.0f} audio-s), {num_workers} workers", encoder,
-                         *rates, same))
+                         *rates, same, same_semantic))
             click.echo(f"batch {batch_size}, {encoder}: {rates[1]:.1f} audio-s/s ({rates[1] / upstream_rate:.2f}x upstream; "
-                       f"first run {rates[0]:.1f}), {same:.2%} of codes as upstream")  # in case a later row runs out of time
+                       f"first run {rates[0]:.1f}), {same:.2%} of codes as upstream, "
+                       f"{same_semantic:.2%} of semantic codes")  # in case a later row runs out of time
 
         codec_name = "full-size S1-mini codec, random weights" if full_codec else "tiny codec"
         publish("Extraction throughput", choice.device, f"{clips} clips, {audio_seconds:.0f} s of audio, {codec_name}",
-                ["extractor", "encoder", "first run audio-s/s", "audio-s/s", "× upstream", "codes as upstream"],
-                [[name, encoder, f"{first:.1f}", f"{rate:.1f}", f"{rate / upstream_rate:.2f}", f"{same:.2%}"]
-                 for name, encoder, first, rate, same in rows],
+                ["extractor", "encoder", "first run audio-s/s", "audio-s/s", "× upstream", "codes as upstream",
+                 "semantic codes as upstream"],
+                [[name, encoder, f"{first:.1f}", f"{rate:.1f}", f"{rate / upstream_rate:.2f}", f"{same:.2%}", f"{semantic:.2%}"]
+                 for name, encoder, first, rate, same, semantic in rows],
                 record=not no_record)
+        batch, lengths = first_batch(data, model_dir.version.sample_rate, int(batch_sizes.split(",")[0]), choice.device)
+        time_encodes(codec_for(snakes[0], False), batch, lengths, matmuls, model_dir.version.sample_rate)
+        if profile and on_gpu:
+            profile_encode(codec_for(snakes[0], False), batch, model_dir.version.sample_rate, matmuls[0])
+            profile_run(lambda: extract_once(*first_variant, "manifest-profile.json"), choice.device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import shutil
 
 import numpy as np
@@ -7,11 +8,13 @@ import soundfile as sf
 import torch
 
 from fs_pipeline import PipelineError, models
+from fs_pipeline.audio.io import read_wav
 from fs_pipeline.dataset import Clip
 from fs_pipeline.manifest import Manifest
 from fs_pipeline.models import FusedSnake, open_model_dir
 from fs_pipeline.stages import extract
 from fs_pipeline.tiny_model import write_tiny_model
+from tests.test_models import codec_with_transformers
 
 
 @pytest.fixture
@@ -150,3 +153,41 @@ def test_fused_snake_computes_the_formula_where_autograd_records():
 def test_where_the_fused_snake_cannot_run_the_codec_keeps_the_librarys():
     # a Triton kernel can't take CPU tensors outside the interpreter: the check fails, it doesn't raise
     assert models.fused_snake_works.__wrapped__(torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("masks_on_device", [False, True])
+def test_encode_gives_the_codecs_own_codes(masks_on_device):
+    """extract.encode against the library codec's encode, with the library's transformers or load_codec's."""
+    library = codec_with_transformers()
+    codec = codec_with_transformers()  # the same weights (seeded)
+    if masks_on_device:
+        models._make_masks_on_device(codec)
+    lengths = torch.tensor([9000, 44100, 30001])  # padded to the longest, which is no whole number of frames
+    audio = 0.1 * torch.randn(3, 1, int(lengths.max()), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected, frames = library.encode(audio, lengths)
+        codes = extract.encode(codec, audio)
+    assert codes.shape == expected.shape and codes.shape[1] == 4
+    assert torch.equal(codes, expected)
+    assert torch.equal(extract.frame_counts(lengths, codec.frame_length), frames)
+
+
+def test_extracted_codes_are_the_codecs_own_one_clip_at_a_time(dataset, tiny_model_dir, cpu, tmp_path):
+    run(dataset, tiny_model_dir, cpu, Manifest(tmp_path / "m.json"), batch_size=6)
+    codec = models.load_codec(tiny_model_dir, cpu)
+    for wav in sorted(dataset.glob("*/*.wav")):
+        audio = torch.from_numpy(read_wav(wav, tiny_model_dir.version.sample_rate))
+        with torch.inference_mode():
+            codes, frames = codec.encode(audio[None, None], torch.tensor([len(audio)]))
+        np.testing.assert_array_equal(np.load(wav.with_suffix(".npy")), codes[0, :, : frames[0]].numpy())
+
+
+def test_a_failed_write_stops_the_run_after_the_batches_before_it(dataset, tiny_model_dir, cpu, tmp_path):
+    # the writing thread's error reaches the caller, and the records name exactly the files written before it
+    wavs = sorted(dataset.glob("*/*.wav"), key=lambda wav: sf.info(wav).frames)
+    wavs[-1].with_suffix(".npy").mkdir()  # the longest clip, so the last batch
+    with pytest.raises(OSError):
+        run(dataset, tiny_model_dir, cpu, Manifest(tmp_path / "m.json"), batch_size=1)
+    records = json.loads((dataset / extract.CODES_RECORD).read_text())["clips"]
+    assert sorted(records) == sorted(wav.relative_to(dataset).as_posix() for wav in wavs[:-1])
+    assert all(wav.with_suffix(".npy").is_file() for wav in wavs[:-1])

@@ -6,14 +6,18 @@ Writes  <clip>.npy next to each wav: int64 codes, shape (num_codebooks, frames);
         shares, and a copy in the project manifest's "extract" entry
 Skips   a clip whose audio hash, codec identity and .npy hash match its record, whichever project made it
 
-Speed: clips are decoded in DataLoader workers, and each batch's codes are written while the GPU encodes
-the next batch. On CUDA, load_codec runs each of the codec's Snake activations as one fused Triton kernel
-where Triton runs there (else the library's). `compile` (off by default) compiles the encoder on CUDA: at
-full size its compilation took over a minute on an H100 and its gain is not measured yet
-(benchmarks/RESULTS.md, 2026-11-27).
+Speed: clips are decoded in DataLoader workers; each batch's codes come back to the host by an asynchronous
+copy, and a second thread writes them while the GPU encodes the next batch. `encode` computes only the codes
+(the codec's own encode also rebuilds features it then drops). On CUDA, load_codec runs each of the codec's
+Snake activations as one fused Triton kernel where Triton runs there (else the library's), and its transformers
+build their attention masks on the GPU. The codec's matmuls run in fp32, as fish-speech's: TF32 was 1.18x faster
+on an H200 but gave other codes for 0.54% of entries (benchmarks/RESULTS.md, issue 22). `compile` (off by
+default) compiles the encoder on CUDA: at full size its compilation took over a minute on an H100 and its gain is
+not measured yet (benchmarks/RESULTS.md, 2026-11-27).
 """
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +108,10 @@ def _run(settings: ExtractSettings, clips: list[Clip], model_dir: ModelDir, choi
             pin_memory=on_gpu,  # page-locked batches copy to the GPU without a wait
         )
 
-        def save(indices, codes, frames, stats) -> None:
-            codes, frames = codes.cpu().numpy().astype(np.int64), frames.cpu().tolist()  # waits for this batch alone
+        def save(indices, codes, copied, frames, stats) -> None:
+            if copied is not None:
+                copied.synchronize()  # this batch's copy alone, queued before the next batch's encode
+            codes = codes.numpy().astype(np.int64)
             for row, index in enumerate(indices):
                 clip = todo[index]
                 _save_npy(clip.npy, codes[row, :, : frames[row]])
@@ -117,16 +123,7 @@ def _run(settings: ExtractSettings, clips: list[Clip], model_dir: ModelDir, choi
 
         progress = "{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, {rate_fmt}]"
         with tqdm(total=audio_seconds, unit="audio-s", desc="extract", bar_format=progress, dynamic_ncols=True) as bar:
-            pending = None
-            for indices, audio, lengths, stats in loader:
-                with torch.inference_mode():
-                    encoded = codec.encode(audio.to(choice.device, non_blocking=on_gpu), lengths.to(choice.device, non_blocking=on_gpu))
-                # the GPU encodes this batch while the last one's codes are written (CUDA runs asynchronously)
-                if pending is not None:
-                    save(*pending)
-                pending = (indices, *encoded, stats)
-            if pending is not None:
-                save(*pending)
+            _encode_batches(loader, codec, choice, save)
 
     entry = manifest.entry(STAGE)
     # A rerun with nothing to do keeps its completion, so what was made from it stays current.
@@ -134,6 +131,55 @@ def _run(settings: ExtractSettings, clips: list[Clip], model_dir: ModelDir, choi
         manifest.complete(STAGE, data_dir=str(Path(settings.data_dir).resolve()), codec=codec_id, clips=records,
                           outputs=manifest.hash_outputs([c.npy for c in clips]))
     return ExtractResult(len(todo), len(clips) - len(todo), audio_seconds, time.perf_counter() - started)
+
+
+def _encode_batches(loader, codec, choice: DeviceChoice, save) -> None:
+    """Encode each batch of `loader` and hand its codes to `save` on a second thread, one batch at a time and in
+    order: on CUDA the host queues a batch's encode without waiting for it, so one batch's files are written while
+    the GPU encodes the next, and at most two batches are in flight."""
+    on_gpu = choice.type == "cuda"
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-save") as writer:
+        written = None
+        for indices, audio, lengths, stats in loader:
+            with torch.inference_mode():
+                codes = encode(codec, audio.to(choice.device, non_blocking=on_gpu))
+            codes, copied = _to_host(codes)
+            if written is not None:
+                written.result()  # raises what saving the last batch raised
+            written = writer.submit(save, indices, codes, copied, frame_counts(lengths, codec.frame_length).tolist(), stats)
+        if written is not None:
+            written.result()
+
+
+def encode(codec: torch.nn.Module, audio: torch.Tensor) -> torch.Tensor:
+    """Codes (batch, codebooks, frames) for `audio` (batch, 1, samples): codec.encode's, by the same layers in the
+    same order, without the work whose result codec.encode drops. Its quantizer's forward goes on from the codes
+    to rebuild the quantized features through a second transformer and upsampling blocks (at S1-mini size 8
+    transformer layers and two ConvNeXt blocks: 31% of the encode's matmul FLOPs, 8% of all), which it discards."""
+    audio = torch.nn.functional.pad(audio, (0, -audio.shape[-1] % codec.frame_length))  # whole frames, as encode pads
+    quantizer = codec.quantizer
+    z = quantizer.pre_module(quantizer.downsample(codec.encoder(audio)))
+    semantic_z, semantic_codes, *_ = quantizer.semantic_quantizer(z)
+    _, residual_codes, *_ = quantizer.quantizer(z - semantic_z)
+    return torch.cat([semantic_codes, residual_codes], dim=1)
+
+
+def frame_counts(lengths: torch.Tensor, frame_length: int) -> torch.Tensor:
+    """Each clip's number of frames, from its length in samples: codec.encode's count (the float ceil it computes
+    is exact below 2**24 samples, 6 minutes at 44.1 kHz; this stays exact beyond)."""
+    return -(-lengths // frame_length)
+
+
+def _to_host(codes: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """The codes on their way to host memory. On CUDA an asynchronous copy (into page-locked memory) and an event
+    recorded behind it: waiting on the event waits for this batch alone, where a plain .cpu() issued after the
+    next batch's encode would wait for that encode too."""
+    if codes.device.type != "cuda":
+        return codes, None
+    host = codes.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 def fast_encoder(codec: torch.nn.Module, choice: DeviceChoice, compile: bool) -> torch.nn.Module:
