@@ -85,7 +85,8 @@ CAUSAL_KERNELS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float = 0.0) -> torch.Tensor:
     """Attention of q (batch, heads, length, dim) over k and v with fewer (grouped) heads. Without a mask, causal, by
     CAUSAL_KERNELS reading the groups directly (enable_gqa); with one (what causal_mask gives where flash does not
-    run, and KV-cached generation), as fish-speech computes it: keys and values repeated to every head."""
+    run, and S2-Pro's KV-cached generation), as fish-speech computes it: keys and values repeated to every head
+    (S1-mini's cached generation goes through attend_cached)."""
     if mask is None:
         with sdpa_kernel(list(CAUSAL_KERNELS), set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True)
@@ -105,9 +106,11 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     groups = heads // k.shape[1]
     rows = q.reshape(batch, k.shape[1], groups * length, dim)  # row g * length + i: query head (kv head * groups + g), position i
     mask = mask.repeat(1, 1, groups, 1)
-    # compiled (synthesis's decoding steps): the sums written out, which inductor fuses into two reductions that each
-    # read the cache once; cuDNN's kernel took 44 us a call for these one-position queries (H200)
-    attention = _attention_by_sums if torch.compiler.is_compiling() else F.scaled_dot_product_attention
+    # a compiled decoding step (one position: synthesis's frames): the sums written out, which inductor fuses into
+    # reductions that each read the cache once; cuDNN's kernel took 44 us a call there (H200). Longer queries (a
+    # prompt's prefill, also inside training's compiled blocks when its test clips speak) keep SDPA's kernels.
+    one_position = length == 1 and torch.compiler.is_compiling()
+    attention = _attention_by_sums if one_position else F.scaled_dot_product_attention
     return attention(rows, k, v, attn_mask=mask).reshape(batch, heads, length, dim)
 
 

@@ -480,7 +480,6 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
         _swap_snakes(codec, InPlaceSnake)
     elif fused_snake_works(choice.device):
         _swap_snakes(codec, FusedSnake)
-    _make_masks_on_device(codec)
     codec = codec.to(choice.device)
     # folded where the codec runs: the weights the library would compute there on every call, the CPU spared the work
     _fold_weight_norm(codec)
@@ -490,7 +489,8 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
 def codec_skeleton(codec_cfg, version: ModelVersion, source: Path | str):
     """build_codec's codec with its weights not yet allocated (meta) until load_codec assigns the file's, so that
     no random initial weights are drawn (seconds at S1-mini size, every start-up); the tables its transformers
-    compute rather than store (RoPE, causal mask) made on the CPU as their __init__ makes them."""
+    compute rather than store (RoPE, causal mask) made on the CPU as their __init__ makes them, but for the causal
+    transformers that make their masks where they run (_make_masks_on_device), whose stored mask stays empty."""
     from fish_speech.models.dac.modded_dac import Transformer, precompute_freqs_cis
 
     with torch.device("meta"):
@@ -500,8 +500,9 @@ def codec_skeleton(codec_cfg, version: ModelVersion, source: Path | str):
             config = module.config
             rope = config.pos_embed_type == "rope"
             module.freqs_cis = precompute_freqs_cis(config.block_size, config.head_dim, config.rope_base) if rope else None
-            # in place: torch.tril's copy doubles the time for a 16384 x 16384 mask
-            module.causal_mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril_()
+            if not _makes_own_masks(module):  # (those get an empty one below) in place: tril's copy doubles the time
+                module.causal_mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril_()
+    _make_masks_on_device(codec)
     return codec
 
 
@@ -650,11 +651,18 @@ def _causal_transformer_forward(self, x: torch.Tensor, x_lens: torch.Tensor | No
 def _make_masks_on_device(codec: torch.nn.Module) -> None:
     """Gives every causal WindowLimitedTransformer _causal_transformer_forward (state-dict keys unchanged). A
     non-causal one keeps fish-speech's forward, which this doesn't reproduce (no release has one)."""
+    for module in codec.modules():
+        if _makes_own_masks(module):
+            module.forward = types.MethodType(_causal_transformer_forward, module)
+            # its stored mask (block_size squared: 268 MB for the release encoder's) is never read now
+            module.causal_mask = torch.empty(0, 0, dtype=torch.bool)
+
+
+def _makes_own_masks(module: torch.nn.Module) -> bool:
+    """Whether _make_masks_on_device gives `module` _causal_transformer_forward: a causal WindowLimitedTransformer."""
     from fish_speech.models.dac.modded_dac import WindowLimitedTransformer
 
-    for module in codec.modules():
-        if isinstance(module, WindowLimitedTransformer) and module.causal:
-            module.forward = types.MethodType(_causal_transformer_forward, module)
+    return isinstance(module, WindowLimitedTransformer) and module.causal
 
 
 def model_identity(model_dir: ModelDir, hash_file=file_hash) -> str:

@@ -120,11 +120,13 @@ def test_the_codec_is_built_without_random_weights_and_loads_as_the_randomly_bui
     skeleton = codec_skeleton(model_dir.codec_cfg, model_dir.version, "test")
     assert all(p.is_meta for p in skeleton.parameters())  # nothing drawn: load_codec assigns every weight
     random = build_codec(model_dir.codec_cfg)
+    models._make_masks_on_device(random)  # as load_codec's: the causal transformers' stored masks emptied
     derived = dict(random.named_buffers())
     assert {name.rpartition(".")[2] for name in derived} == set(DERIVED_CODEC_BUFFERS)
     assert derived.keys() == dict(skeleton.named_buffers()).keys()
     for name, table in skeleton.named_buffers():
         assert torch.equal(table, derived[name]) and table.dtype == derived[name].dtype, name
+    assert all(m.causal_mask.shape == (0, 0) for m in skeleton.modules() if models._makes_own_masks(m))
 
     # the old way: random weights, the file's copied over them, then what load_codec does to them
     weights_from_file(random, tiny_model_copy)

@@ -198,18 +198,21 @@ def test_listing_and_pruning_read_the_small_records_not_the_checkpoints(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"step_00000000{s}.{x}" for s in (2, 3) for x in ("ckpt", "json")]
 
 
-def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(project, tiny_model_dir, cpu, monkeypatch):
+@pytest.mark.parametrize("bad_step", [3, 4], ids=["between-checkpoints", "at-a-checkpoint"])
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(bad_step, project, tiny_model_dir, cpu, monkeypatch):
+    """The step's update is queued before its loss is read: a non-finite one must still never reach a checkpoint,
+    also where the step would have saved one."""
     calls = {"n": 0}
 
-    def nan_at_step_3(model, inputs, labels, frames, *args, **kwargs):
+    def nan_at_bad_step(model, inputs, labels, frames, *args, **kwargs):
         result = forward(model, inputs, labels, frames, *args, **kwargs)
         calls["n"] += model.training  # training steps only, not validation
-        if model.training and calls["n"] == 3:
+        if model.training and calls["n"] == bad_step:
             result.token_loss_sum = result.token_loss_sum * float("nan")
         return result
 
-    monkeypatch.setattr(train, "forward", nan_at_step_3)
-    with pytest.raises(PipelineError, match=r"training stopped at step 3: the loss is nan and the gradient norm nan, not finite; "
+    monkeypatch.setattr(train, "forward", nan_at_bad_step)
+    with pytest.raises(PipelineError, match=rf"training stopped at step {bad_step}: the loss is nan and the gradient norm nan, not finite; "
                                             r"nothing of this step was saved and .*step_000000002.ckpt is the last good one"):
         train.run(train.TrainSettings(max_steps=6, checkpoint_every=2, **FAST), tiny_model_dir, cpu, project)
     saved = list((project.dir / "checkpoints").glob("*.ckpt"))

@@ -10,8 +10,8 @@ Speed: clips are decoded in DataLoader workers; each batch's codes come back to 
 copy, and a second thread writes them while the GPU encodes the next batch. `encode` computes only the codes
 (the codec's own encode also rebuilds features it then drops). On CUDA, load_codec runs each of the codec's
 Snake activations as one fused Triton kernel where Triton runs there (else the library's), and its transformers
-build their attention masks on the GPU. The codec's matmuls run in fp32, as fish-speech's: TF32 was 1.18x faster
-on an H200 but gave other codes for 0.54% of entries (benchmarks/RESULTS.md, issue 22). `compile` (off by
+build their attention masks on the GPU. The codec's matmuls run in fp32, as fish-speech's: TF32 matmuls were 1.12x faster
+on an H200 but gave other codes for 0.84% of entries (benchmarks/RESULTS.md, issue 22). `compile` (off by
 default) compiles the encoder on CUDA: at full size its compilation took over a minute on an H100 and its gain is
 not measured yet (benchmarks/RESULTS.md, 2026-11-27).
 """
@@ -173,9 +173,9 @@ def frame_counts(lengths: torch.Tensor, frame_length: int) -> torch.Tensor:
 def _to_host(codes: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """The codes on their way to host memory. On CUDA an asynchronous copy (into page-locked memory) and an event
     recorded behind it: waiting on the event waits for this batch alone, where a plain .cpu() issued after the
-    next batch's encode would wait for that encode too."""
+    next batch's encode would wait for that encode too. Elsewhere (CPU, MPS) a plain copy to the CPU."""
     if codes.device.type != "cuda":
-        return codes, None
+        return codes.cpu(), None
     host = codes.to("cpu", non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()

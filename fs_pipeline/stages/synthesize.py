@@ -20,8 +20,8 @@ graph cost ten times the tracing and code generation, for the same kernels). On 
 step and fast steps, is then captured in one CUDA graph and replayed once per frame. The KV caches hold
 SHORT_CONTEXT positions when prompt and frames fit there (the slow attention reads the whole cache at every
 step), else the model's whole context; each size is compiled once, and on CUDA the frame's graph is captured again
-whenever the caches change size. The slow attention reads the grouped keys and values of the caches as they are
-(modeling.attend_cached), where fish-speech's repeats the whole cache to every head at every step.
+whenever the caches change size. S1-mini's slow attention reads the grouped keys and values of the caches as they
+are (modeling.attend_cached), where fish-speech's repeats the whole cache to every head at every step.
 warm_up() compiles before the first text and keeps the kernels in a cache file keyed by the model's shape,
 torch's version and the GPU (compile_cache_key), so that a later process loads them instead of compiling them again. The codec decoder
 runs eagerly: compiled for any length it took minutes to build on an H100, for a part of the time that is small

@@ -258,21 +258,21 @@ def run(settings: TrainSettings, model_dir: ModelDir, choice: DeviceChoice, proj
             for k in range(settings.gradient_accumulation_steps)
         ]
 
-    batches = micro_batches(consumed)
     try:
+        batches = micro_batches(consumed)
         while step < settings.max_steps and not stopped_by:
             started = time.perf_counter()
             positions, counts = _step_sizes(sizes, consumed, effective_batch, settings.seed)
             sums = accumulate_gradients(model, batches, choice, settings.gradient_checkpointing, scaler, world, trainer, counts)
+            # the next step's batches are made and their copies queued while the GPU works on this step
+            batches = micro_batches(consumed + effective_batch)
             scaler.unscale_(optimizer)  # clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+            scaler.step(optimizer)  # skipped when fp16 gradients overflowed (the scaler waits for the GPU to know)
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            # all that is queued for the GPU: the next step's batches are made and copied meanwhile
-            batches = micro_batches(consumed + effective_batch)
-            *values, grad_norm = sums.read(grad_norm)  # the step's one wait for the GPU
+            *values, grad_norm = sums.read(grad_norm)  # a single process's one wait for the GPU in a bf16 or fp32 step
             totals = sums.totals(values)
             _check_finite(step + 1, totals["loss"], grad_norm, ckpt_dir, overflow_skips=scaler.is_enabled())
             step += 1
@@ -438,9 +438,9 @@ PAD_MULTIPLE = 64
 def _pad(picks, model, device) -> Batch:
     """Examples right-padded to the longest (on CUDA rounded up to PAD_MULTIPLE), moved to `device`. Frame positions and target counts are found
     here on the CPU, so that the GPU never waits for the host; on CUDA the copies are queued (non_blocking), so that the
-    host does not wait for the GPU either: a plain copy to the GPU waits for all the work queued before it (95 ms behind
-    200 ms of queued work on an H200), a queued one from this pageable memory returned in 0.3 ms, and pinning it
-    first cost up to 15 ms where the pinned-memory cache had to grow (benchmarks/RESULTS.md)."""
+    host does not wait for the GPU either: a plain copy to the GPU waits for all the work queued before it, a queued
+    one from this pageable memory returned in 0.3-0.4 ms behind 200 ms of queued work, pinning it first took up to 3 ms
+    (benchmarks/copy_wait.py, H200)."""
     longest = max(x.shape[1] for x, _ in picks)
     cuda = torch.device(device).type == "cuda"
     multiple = PAD_MULTIPLE if cuda else 1
