@@ -65,7 +65,9 @@ check_disk_space() {
 
 install_python_packages() {
   say "installing Python packages (poetry install; first run downloads torch, about 3 GB)"
-  "$POETRY" install --no-interaction  # not --quiet: it hides the error too
+  # not --quiet: it hides the error too. --compile writes the bytecode pip would: without it, where Python may not
+  # write bytecode (PYTHONDONTWRITEBYTECODE), every process compiles torch's sources again (seconds each)
+  "$POETRY" install --no-interaction --compile
   # fish-speech and the descript codec packages declare deps that can't be installed cleanly
   # (pyaudio, gradio, protobuf<3.20, ...); pyproject.toml lists what their code really imports.
   "$POETRY" run python -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements-nodeps.txt
