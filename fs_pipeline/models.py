@@ -464,6 +464,7 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     """The codec with its release weights, weight norm folded, in eval mode. It runs in fp32: it is small next to the LLM,
     and its quantizer's nearest-codeword search is sensitive to rounding. Its Snake activations are computed by
     FusedSnake on CUDA where Triton works there, by InPlaceSnake off CUDA, and by the library's own version otherwise;
+    the first two write straight into the padded input of the causal convolution after them (SnakeThenCausalConv);
     its causal transformers make their attention masks where they run (_make_masks_on_device)."""
     codec = codec_skeleton(model_dir.codec_cfg, model_dir.version, model_dir.codec_config_file)
     file = model_dir.path / "codec.pth"
@@ -480,6 +481,7 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
         _swap_snakes(codec, InPlaceSnake)
     elif fused_snake_works(choice.device):
         _swap_snakes(codec, FusedSnake)
+    _join_snakes_to_convs(codec)
     codec = codec.to(choice.device)
     # folded where the codec runs: the weights the library would compute there on every call, the CPU spared the work
     _fold_weight_norm(codec)
@@ -531,8 +533,16 @@ class InPlaceSnake(torch.nn.Module):
         super().__init__()
         self.alpha = alpha
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x * self.alpha).sin_().square_().mul_((self.alpha + 1e-9).reciprocal()).add_(x)
+    def forward(self, x: torch.Tensor, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """The activation of x, with pad[0] zeros before and pad[1] after along the last dimension."""
+        if pad == (0, 0):
+            return (x * self.alpha).sin_().square_().mul_((self.alpha + 1e-9).reciprocal()).add_(x)
+        out = x.new_empty(*x.shape[:-1], pad[0] + x.shape[-1] + pad[1])
+        out[..., : pad[0]].zero_()
+        out[..., pad[0] + x.shape[-1] :].zero_()
+        body = out[..., pad[0] : pad[0] + x.shape[-1]]
+        torch.mul(x, self.alpha, out=body).sin_().square_().mul_((self.alpha + 1e-9).reciprocal()).add_(x)
+        return out
 
 
 class FusedSnake(torch.nn.Module):
@@ -545,10 +555,11 @@ class FusedSnake(torch.nn.Module):
         super().__init__()
         self.alpha = alpha
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """The activation of x, with pad[0] zeros before and pad[1] after along the last dimension."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return snake(x, self.alpha)
-        return fused_snake(x, self.alpha)
+            return torch.nn.functional.pad(snake(x, self.alpha), pad)
+        return fused_snake(x, self.alpha, pad)
 
 
 SNAKE_BLOCK = 1024  # elements of one (batch, channel) row per Triton program
@@ -562,34 +573,35 @@ def _snake_kernel():
     import triton.language as tl
 
     @triton.jit
-    def snake_kernel(x_ptr, alpha_ptr, out_ptr, first_row, channels, length, BLOCK: tl.constexpr):
+    def snake_kernel(x_ptr, alpha_ptr, out_ptr, first_row, channels, length, left, out_length, BLOCK: tl.constexpr):
         row = tl.program_id(1)
-        columns = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = columns < length
+        columns = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # of the output row
+        sources = columns - left
         alpha = tl.load(alpha_ptr + (first_row + row) % channels)
-        offsets = row.to(tl.int64) * length + columns
-        x = tl.load(x_ptr + offsets, mask=inside)
+        # the padding reads 0, whose activation is 0
+        x = tl.load(x_ptr + row.to(tl.int64) * length + sources, mask=(sources >= 0) & (sources < length), other=0.0)
         sine = tl.sin(alpha * x)  # libdevice's sinf on NVIDIA, as torch's
         # div_rn: IEEE division, as torch's reciprocal (Triton's `/` is approximate)
-        tl.store(out_ptr + offsets, x + tl.div_rn(1.0, alpha + 1e-9) * (sine * sine), mask=inside)
+        out = x + tl.div_rn(1.0, alpha + 1e-9) * (sine * sine)
+        tl.store(out_ptr + row.to(tl.int64) * out_length + columns, out, mask=columns < out_length)
 
     return snake_kernel
 
 
-def fused_snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """snake(x, alpha) for x of shape (batch, channels, ...) and alpha of shape (1, channels, 1), in one pass:
-    op for op as the library's formula, each rounded alone (no fused multiply-add), so equal to it within fp32
-    rounding (Triton flushes denormals to zero)."""
+def fused_snake(x: torch.Tensor, alpha: torch.Tensor, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """snake(x, alpha) for x of shape (batch, channels, length) and alpha of shape (1, channels, 1), in one pass,
+    with pad[0] zeros before and pad[1] after along the last dimension: op for op as the library's formula, each
+    rounded alone (no fused multiply-add), so equal to it within fp32 rounding (Triton flushes denormals to zero)."""
     x, alpha = x.contiguous(), alpha.contiguous()
-    rows, channels = x.shape[0] * x.shape[1], x.shape[1]
-    length = x[0, 0].numel()
-    out = torch.empty_like(x)
-    flat_x, flat_out = x.view(rows, length), out.view(rows, length)
+    batch, channels, length = x.shape
+    rows, out_length = batch * channels, pad[0] + length + pad[1]
+    out = x.new_empty(batch, channels, out_length)
+    flat_x, flat_out = x.view(rows, length), out.view(rows, out_length)
     for first in range(0, rows, MAX_GRID_ROWS):
         count = min(MAX_GRID_ROWS, rows - first)
-        grid = ((length + SNAKE_BLOCK - 1) // SNAKE_BLOCK, count)
-        _snake_kernel()[grid](flat_x[first:], alpha, flat_out[first:], first, channels, length, BLOCK=SNAKE_BLOCK,
-                              enable_fp_fusion=False)
+        grid = ((out_length + SNAKE_BLOCK - 1) // SNAKE_BLOCK, count)
+        _snake_kernel()[grid](flat_x[first:], alpha, flat_out[first:], first, channels, length, pad[0], out_length,
+                              BLOCK=SNAKE_BLOCK, enable_fp_fusion=False)
     return out
 
 
@@ -603,12 +615,41 @@ def fused_snake_works(device: torch.device) -> bool:
         x = (4 * torch.randn(2, 3, 5000, generator=generator)).to(device)
         alpha = (0.5 + torch.rand(1, 3, 1, generator=generator)).to(device)
         with torch.inference_mode():
-            torch.testing.assert_close(fused_snake(x, alpha), snake(x, alpha))
+            torch.testing.assert_close(fused_snake(x, alpha, (7, 2)), torch.nn.functional.pad(snake(x, alpha), (7, 2)))
     except Exception as e:  # ImportError, Triton's compile and launch errors, a wrong value: all mean "don't use it"
         logger.warning(f"the codec keeps the library's Snake activation on {device}: the fused one failed its check "
                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         return False
     return True
+
+
+class SnakeThenCausalConv(torch.nn.Module):
+    """A Snake activation (FusedSnake or InPlaceSnake) and the causal convolution after it, as one step: the
+    activation writes its output into the zero-padded buffer the convolution reads. fish-speech's CausalConvNet
+    pads its input itself, a copy of the whole feature map (at the full sample rate, the largest the codec makes),
+    also where it adds no padding. Same values: the convolution reads the same input."""
+
+    def __init__(self, snake: torch.nn.Module, conv: torch.nn.Module):
+        super().__init__()
+        self.snake, self.conv = snake, conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from fish_speech.models.dac.modded_dac import get_extra_padding_for_conv1d
+
+        conv = self.conv
+        right = get_extra_padding_for_conv1d(x, conv.kernel_size, conv.stride, conv.padding)
+        return conv.conv(self.snake(x, (conv.padding, right)))
+
+
+def _join_snakes_to_convs(codec: torch.nn.Module) -> None:
+    """Each FusedSnake or InPlaceSnake followed by a CausalConvNet in a Sequential becomes a SnakeThenCausalConv, the
+    convolution's place an Identity (the codec's state-dict keys change: nothing saves it)."""
+    from fish_speech.models.dac.modded_dac import CausalConvNet
+
+    for sequence in [m for m in codec.modules() if isinstance(m, torch.nn.Sequential)]:
+        for i in range(len(sequence) - 1):
+            if isinstance(sequence[i], (FusedSnake, InPlaceSnake)) and isinstance(sequence[i + 1], CausalConvNet):
+                sequence[i], sequence[i + 1] = SnakeThenCausalConv(sequence[i], sequence[i + 1]), torch.nn.Identity()
 
 
 def _swap_snakes(codec: torch.nn.Module, cls) -> None:

@@ -123,15 +123,30 @@ def interpreted_triton(monkeypatch):
     models._snake_kernel.cache_clear()  # the next user builds it for the GPU again
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 1000), (2, 64, 4096), (1, 1, 1)])
-def test_the_fused_snake_kernel_gives_the_library_snakes_values(interpreted_triton, shape):
+@pytest.mark.parametrize("shape, pad", [((3, 5, 1000), (0, 0)), ((2, 64, 4096), (0, 0)), ((1, 1, 1), (0, 0)),
+                                        ((3, 5, 1000), (54, 0)), ((2, 4, 1030), (8, 3)), ((1, 2, 1), (0, 1024))])
+def test_the_fused_snake_kernel_gives_the_library_snakes_values(interpreted_triton, shape, pad):
     from dac.nn.layers import snake
 
     generator = torch.Generator().manual_seed(0)
     x = 4 * torch.randn(*shape, generator=generator)
     alpha = 0.5 + torch.rand(1, shape[1], 1, generator=generator)  # a different alpha per channel
-    # The interpreter computes sin with numpy, torch with its own: they may differ by an ulp, no more.
-    torch.testing.assert_close(models.fused_snake(x, alpha), snake(x, alpha), rtol=2e-7, atol=1e-6)
+    # The interpreter computes sin with numpy, torch with its own: they may differ by an ulp, no more. The
+    # padding is zeros, as the causal convolutions' own (exactly: a sign or a stray value is caught)
+    expected = torch.nn.functional.pad(snake(x, alpha), pad)
+    out = models.fused_snake(x, alpha, pad)
+    torch.testing.assert_close(out, expected, rtol=2e-7, atol=1e-6)
+    assert torch.equal(out[..., : pad[0]], expected[..., : pad[0]]) and not out[..., : pad[0]].signbit().any()
+    assert torch.equal(out[..., pad[0] + shape[-1] :], expected[..., pad[0] + shape[-1] :])
+
+
+@pytest.mark.parametrize("pad", [(0, 0), (18, 0), (3, 5)])
+def test_the_in_place_snake_writes_the_library_snakes_values_into_the_padding(pad):
+    from dac.nn.layers import snake
+
+    x, alpha = 4 * torch.randn(2, 3, 100), 0.5 + torch.rand(1, 3, 1)
+    out = models.InPlaceSnake(alpha)(x, pad)
+    assert torch.equal(out, torch.nn.functional.pad(snake(x, alpha), pad))  # bit for bit, as the library's on CPU
 
 
 def test_the_fused_snake_covers_more_rows_than_a_grid_holds(interpreted_triton, monkeypatch):

@@ -73,6 +73,8 @@ def test_in_place_snakes_and_folded_weight_norm_give_the_library_codecs_values_e
     codec = load_codec(tiny_model_dir, cpu)
     assert any(isinstance(m, InPlaceSnake) for m in codec.modules())
     assert not any(isinstance(m, Snake1d) for m in codec.modules())
+    # every causal convolution after a Snake reads the padded buffer the Snake writes (29 in the encoder, 25 in the decoder)
+    assert sum(isinstance(m, models.SnakeThenCausalConv) for m in codec.modules()) == 54
     assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in codec.modules())  # weight norm folded
     library = weights_from_file(build_codec(tiny_model_dir.codec_cfg), tiny_model_dir.path).eval()  # weight norm on every call
     assert_same_codes_and_audio(codec, library, tiny_model_dir.version.sample_rate)
@@ -131,6 +133,7 @@ def test_the_codec_is_built_without_random_weights_and_loads_as_the_randomly_bui
     # the old way: random weights, the file's copied over them, then what load_codec does to them
     weights_from_file(random, tiny_model_copy)
     models._swap_snakes(random, InPlaceSnake)
+    models._join_snakes_to_convs(random)
     models._fold_weight_norm(random)
     old, loaded = random.eval(), load_codec(model_dir, cpu)
     assert old.state_dict().keys() == loaded.state_dict().keys()
