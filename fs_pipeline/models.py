@@ -464,7 +464,8 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     """The codec with its release weights, weight norm folded, in eval mode. It runs in fp32: it is small next to the LLM,
     and its quantizer's nearest-codeword search is sensitive to rounding. Its Snake activations are computed by
     FusedSnake on CUDA where Triton works there, by InPlaceSnake off CUDA, and by the library's own version otherwise;
-    the first two write straight into the padded input of the causal convolution after them (SnakeThenCausalConv);
+    the first two write straight into the padded input of the causal convolution after them (SnakeThenCausalConv),
+    and on CUDA the causal residual units add their convolutions' biases in the kernels after them (FusedResidualUnit);
     its causal transformers make their attention masks where they run (_make_masks_on_device)."""
     codec = codec_skeleton(model_dir.codec_cfg, model_dir.version, model_dir.codec_config_file)
     file = model_dir.path / "codec.pth"
@@ -482,6 +483,7 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     elif fused_snake_works(choice.device):
         _swap_snakes(codec, FusedSnake)
     _join_snakes_to_convs(codec)
+    _fuse_residual_units(codec)
     codec = codec.to(choice.device)
     # folded where the codec runs: the weights the library would compute there on every call, the CPU spared the work
     _fold_weight_norm(codec)
@@ -568,41 +570,66 @@ MAX_GRID_ROWS = 65535  # CUDA's limit on a grid's second dimension
 
 @functools.cache
 def _snake_kernel():
-    """The Triton kernel, built on first use: Triton is imported only where a FusedSnake runs."""
+    """The Triton kernel, built on first use: Triton is imported only where a FusedSnake runs. Per (batch,
+    channel) row: the channel's bias added (HAS_BIAS), the activation (SNAKE), the residual added (HAS_RESIDUAL),
+    written `left` columns into an output row of `out_length` whose other columns are zeros."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def snake_kernel(x_ptr, alpha_ptr, out_ptr, first_row, channels, length, left, out_length, BLOCK: tl.constexpr):
+    def snake_kernel(x_ptr, bias_ptr, alpha_ptr, residual_ptr, out_ptr, first_row, channels, length, left, out_length,
+                     HAS_BIAS: tl.constexpr, SNAKE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(1)
+        channel = (first_row + row) % channels
         columns = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # of the output row
         sources = columns - left
-        alpha = tl.load(alpha_ptr + (first_row + row) % channels)
-        # the padding reads 0, whose activation is 0
-        x = tl.load(x_ptr + row.to(tl.int64) * length + sources, mask=(sources >= 0) & (sources < length), other=0.0)
-        sine = tl.sin(alpha * x)  # libdevice's sinf on NVIDIA, as torch's
-        # div_rn: IEEE division, as torch's reciprocal (Triton's `/` is approximate)
-        out = x + tl.div_rn(1.0, alpha + 1e-9) * (sine * sine)
-        tl.store(out_ptr + row.to(tl.int64) * out_length + columns, out, mask=columns < out_length)
+        inside = (sources >= 0) & (sources < length)
+        offsets = row.to(tl.int64) * length + sources
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+        if HAS_BIAS:
+            x = tl.where(inside, x + tl.load(bias_ptr + channel), 0.0)  # the padding stays 0
+        if SNAKE:  # 0 (the padding) stays 0
+            alpha = tl.load(alpha_ptr + channel)
+            sine = tl.sin(alpha * x)  # libdevice's sinf on NVIDIA, as torch's
+            # div_rn: IEEE division, as torch's reciprocal (Triton's `/` is approximate)
+            x = x + tl.div_rn(1.0, alpha + 1e-9) * (sine * sine)
+        if HAS_RESIDUAL:
+            x = tl.load(residual_ptr + offsets, mask=inside, other=0.0) + x
+        tl.store(out_ptr + row.to(tl.int64) * out_length + columns, x, mask=columns < out_length)
 
     return snake_kernel
 
 
-def fused_snake(x: torch.Tensor, alpha: torch.Tensor, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
-    """snake(x, alpha) for x of shape (batch, channels, length) and alpha of shape (1, channels, 1), in one pass,
-    with pad[0] zeros before and pad[1] after along the last dimension: op for op as the library's formula, each
-    rounded alone (no fused multiply-add), so equal to it within fp32 rounding (Triton flushes denormals to zero)."""
-    x, alpha = x.contiguous(), alpha.contiguous()
+def _run_snake_kernel(x: torch.Tensor, pad: tuple[int, int] = (0, 0), bias=None, alpha=None, residual=None) -> torch.Tensor:
+    """_snake_kernel over x (batch, channels, length), contiguous; bias and alpha hold a value per channel, residual
+    is x's shape."""
     batch, channels, length = x.shape
     rows, out_length = batch * channels, pad[0] + length + pad[1]
     out = x.new_empty(batch, channels, out_length)
-    flat_x, flat_out = x.view(rows, length), out.view(rows, out_length)
+    flat_x, flat_out = x.contiguous().view(rows, length), out.view(rows, out_length)
+    flags = {"HAS_BIAS": bias is not None, "SNAKE": alpha is not None, "HAS_RESIDUAL": residual is not None}
+    # what a flag leaves out is never read: x stands in for it
+    bias, alpha = (t.contiguous() if t is not None else x for t in (bias, alpha))
+    flat_residual = residual.contiguous().view(rows, length) if residual is not None else flat_x
     for first in range(0, rows, MAX_GRID_ROWS):
         count = min(MAX_GRID_ROWS, rows - first)
         grid = ((out_length + SNAKE_BLOCK - 1) // SNAKE_BLOCK, count)
-        _snake_kernel()[grid](flat_x[first:], alpha, flat_out[first:], first, channels, length, pad[0], out_length,
-                              BLOCK=SNAKE_BLOCK, enable_fp_fusion=False)
+        _snake_kernel()[grid](flat_x[first:], bias, alpha, flat_residual[first:], flat_out[first:], first, channels,
+                              length, pad[0], out_length, **flags, BLOCK=SNAKE_BLOCK, enable_fp_fusion=False)
     return out
+
+
+def fused_snake(x: torch.Tensor, alpha: torch.Tensor, pad: tuple[int, int] = (0, 0), bias=None) -> torch.Tensor:
+    """snake(x + bias, alpha) (bias a value per channel, or none) for x of shape (batch, channels, length) and alpha of
+    shape (1, channels, 1), in one pass, with pad[0] zeros before and pad[1] after along the last dimension: op for op
+    as the library's formula, each rounded alone (no fused multiply-add), so equal to it within fp32 rounding (Triton
+    flushes denormals to zero)."""
+    return _run_snake_kernel(x, pad, bias=bias, alpha=alpha)
+
+
+def fused_bias_residual(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + (x + bias) in one pass, for x and residual of shape (batch, channels, length) and a bias per channel."""
+    return _run_snake_kernel(x, bias=bias, residual=residual)
 
 
 @functools.cache
@@ -614,8 +641,11 @@ def fused_snake_works(device: torch.device) -> bool:
         generator = torch.Generator().manual_seed(0)
         x = (4 * torch.randn(2, 3, 5000, generator=generator)).to(device)
         alpha = (0.5 + torch.rand(1, 3, 1, generator=generator)).to(device)
-        with torch.inference_mode():
+        bias, residual = alpha.flatten() - 1, torch.randn(x.shape, generator=generator).to(device)
+        with torch.inference_mode():  # each kind of call a FusedResidualUnit makes
             torch.testing.assert_close(fused_snake(x, alpha, (7, 2)), torch.nn.functional.pad(snake(x, alpha), (7, 2)))
+            torch.testing.assert_close(fused_snake(x, alpha, (7, 0), bias), torch.nn.functional.pad(snake(x + bias[:, None], alpha), (7, 0)))
+            torch.testing.assert_close(fused_bias_residual(x, bias, residual), residual + (x + bias[:, None]))
     except Exception as e:  # ImportError, Triton's compile and launch errors, a wrong value: all mean "don't use it"
         logger.warning(f"the codec keeps the library's Snake activation on {device}: the fused one failed its check "
                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
@@ -634,11 +664,53 @@ class SnakeThenCausalConv(torch.nn.Module):
         self.snake, self.conv = snake, conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from fish_speech.models.dac.modded_dac import get_extra_padding_for_conv1d
+        return self.conv.conv(self.snake(x, _causal_padding(self.conv, x)))
 
-        conv = self.conv
-        right = get_extra_padding_for_conv1d(x, conv.kernel_size, conv.stride, conv.padding)
-        return conv.conv(self.snake(x, (conv.padding, right)))
+
+class FusedResidualUnit(torch.nn.Module):
+    """fish-speech's causal ResidualUnit (x + conv(snake(conv(snake(x))))) with FusedSnakes, in three passes over the
+    feature map besides the convolutions: each convolution's bias is added by the kernel after it (the next Snake, or
+    the residual's sum), where PyTorch's cuDNN convolution adds it in a pass of its own. Same operations, each
+    rounded as before. Where autograd records or torch.compile traces, the unit's own forward."""
+
+    def __init__(self, unit: torch.nn.Module):
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.unit(x)
+        first, _, second, _ = self.unit.block
+        y = _conv_without_bias(first.conv, first.snake(x, _causal_padding(first.conv, x)))
+        y = _conv_without_bias(second.conv, fused_snake(y, second.snake.alpha, _causal_padding(second.conv, y), first.conv.conv.bias))
+        return fused_bias_residual(y, second.conv.conv.bias, x)  # a causal unit keeps the length: no crop
+
+
+def _causal_padding(conv: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """The zeros fish-speech's CausalConvNet `conv` puts before and after x."""
+    from fish_speech.models.dac.modded_dac import get_extra_padding_for_conv1d
+
+    return conv.padding, get_extra_padding_for_conv1d(x, conv.kernel_size, conv.stride, conv.padding)
+
+
+def _conv_without_bias(conv: torch.nn.Module, padded: torch.Tensor) -> torch.Tensor:
+    layer = conv.conv
+    return torch.nn.functional.conv1d(padded, layer.weight, None, layer.stride, 0, layer.dilation, layer.groups)
+
+
+def _fuse_residual_units(codec: torch.nn.Module) -> None:
+    """Each causal ResidualUnit whose Snakes are FusedSnakes (after _join_snakes_to_convs) runs as a FusedResidualUnit."""
+    from fish_speech.models.dac.modded_dac import ResidualUnit
+
+    for module in list(codec.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, ResidualUnit) and child.causal and _fusable(child.block):
+                setattr(module, name, FusedResidualUnit(child))
+
+
+def _fusable(block) -> bool:
+    return (len(block) == 4 and all(isinstance(block[i], SnakeThenCausalConv) and isinstance(block[i].snake, FusedSnake) for i in (0, 2))
+            and block[0].conv.conv.padding == block[2].conv.conv.padding == (0,))
 
 
 def _join_snakes_to_convs(codec: torch.nn.Module) -> None:

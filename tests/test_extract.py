@@ -140,6 +140,45 @@ def test_the_fused_snake_kernel_gives_the_library_snakes_values(interpreted_trit
     assert torch.equal(out[..., pad[0] + shape[-1] :], expected[..., pad[0] + shape[-1] :])
 
 
+def test_the_fused_kernels_add_biases_and_residuals_as_the_library_does(interpreted_triton):
+    from dac.nn.layers import snake
+
+    x, alpha, bias, residual = 4 * torch.randn(2, 5, 1500), 0.5 + torch.rand(1, 5, 1), torch.randn(5), torch.randn(2, 5, 1500)
+    out = models.fused_snake(x, alpha, (6, 1), bias)
+    expected = torch.nn.functional.pad(snake(x + bias[:, None], alpha), (6, 1))
+    torch.testing.assert_close(out, expected, rtol=2e-7, atol=1e-6)
+    assert not out[..., :6].any() and not out[..., -1].any()  # the padding stays zero, bias or not
+    assert torch.equal(models.fused_bias_residual(x, bias, residual), residual + (x + bias[:, None]))
+
+
+def test_fused_residual_units_give_the_library_codecs_features(interpreted_triton, tiny_model_dir):
+    """The codec as load_codec makes it on CUDA (fused Snakes, joined to their convolutions, residual units fused),
+    run by Triton's interpreter on the CPU, against the library's codec with the same weights."""
+    from tests.test_models import weights_from_file
+
+    library = weights_from_file(models.build_codec(tiny_model_dir.codec_cfg), tiny_model_dir.path).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the library initialises biases to zero: these catch a bias left out or added twice
+        for name, bias in library.named_parameters():
+            if name.endswith("bias"):
+                bias.copy_(0.1 * torch.randn(bias.shape, generator=generator))
+    codec = models.build_codec(tiny_model_dir.codec_cfg).eval()
+    codec.load_state_dict(library.state_dict())
+    models._swap_snakes(codec, FusedSnake)
+    models._join_snakes_to_convs(codec)
+    models._fuse_residual_units(codec)
+    models._fold_weight_norm(codec)
+    assert sum(isinstance(m, models.FusedResidualUnit) for m in codec.modules()) == 24  # 12 in the encoder, 12 in the decoder
+    audio = 0.3 * torch.randn(1, 1, 4096, generator=torch.Generator().manual_seed(0))  # two frames: the interpreter is slow
+    with torch.inference_mode():
+        # the CPU's convolutions add their bias in their own way, so equal within rounding rather than bit for bit
+        torch.testing.assert_close(codec.encoder(audio), library.encoder(audio), rtol=1e-5, atol=1e-5)
+        features = library.encoder(audio)
+        torch.testing.assert_close(codec.decoder(features), library.decoder(features), rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():  # where autograd records: the unit's own forward, no kernel
+        torch.testing.assert_close(codec.encoder(audio), library.encoder(audio), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("pad", [(0, 0), (18, 0), (3, 5)])
 def test_the_in_place_snake_writes_the_library_snakes_values_into_the_padding(pad):
     from dac.nn.layers import snake
