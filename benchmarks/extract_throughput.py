@@ -113,7 +113,9 @@ def synchronize(device):
 
 def time_activations(library_codec, fused_codec, device, sample_rate: int, seconds: float = 10.0, batch: int = 16) -> None:
     """The encoder's first Snake (64 channels at the full sample rate) alone, the library's against the fused one."""
-    library, fused = (next(m for m in codec.encoder.modules() if "Snake" in type(m).__name__) for codec in (library_codec, fused_codec))
+    from dac.nn.layers import Snake1d
+
+    library, fused = (next(m for m in codec.encoder.modules() if isinstance(m, (Snake1d, FusedSnake))) for codec in (library_codec, fused_codec))
     x = torch.randn(batch, library.alpha.shape[1], int(seconds * sample_rate), device=device)
     results = {}
     with torch.inference_mode():

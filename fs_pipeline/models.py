@@ -478,16 +478,22 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     # each weight in the dtype the codec's classes make it (fp32), whatever the file stores
     state = {k: v.to(built[k].dtype) if k in built else v for k, v in state.items() if not k.endswith(DERIVED_CODEC_BUFFERS)}
     _fill_from_state(codec, state, file, optional=DERIVED_CODEC_BUFFERS)
-    if choice.device.type != "cuda":
-        _swap_snakes(codec, InPlaceSnake)
-    elif fused_snake_works(choice.device):
-        _swap_snakes(codec, FusedSnake)
+    snakes = InPlaceSnake if choice.device.type != "cuda" else FusedSnake if fused_snake_works(choice.device) else None
+    return faster_layers(codec, snakes, choice.device).eval()
+
+
+def faster_layers(codec: torch.nn.Module, snakes: type | None, device: torch.device) -> torch.nn.Module:
+    """load_codec's changes to the library codec's layers, on `device`: its Snake1d activations swapped for `snakes`
+    (None: kept), each of those joined to the causal convolution after it, FusedSnake's residual units fused, and
+    weight norm folded."""
+    if snakes is not None:
+        _swap_snakes(codec, snakes)
     _join_snakes_to_convs(codec)
     _fuse_residual_units(codec)
-    codec = codec.to(choice.device)
+    codec = codec.to(device)
     # folded where the codec runs: the weights the library would compute there on every call, the CPU spared the work
     _fold_weight_norm(codec)
-    return codec.eval()
+    return codec
 
 
 def codec_skeleton(codec_cfg, version: ModelVersion, source: Path | str):
@@ -536,7 +542,10 @@ class InPlaceSnake(torch.nn.Module):
         self.alpha = alpha
 
     def forward(self, x: torch.Tensor, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
-        """The activation of x, with pad[0] zeros before and pad[1] after along the last dimension."""
+        """The activation of x, with pad[0] zeros before and pad[1] after along the last dimension. Where autograd
+        records, the library's formula in torch ops (in-place ops into a buffer are not differentiable)."""
+        if torch.is_grad_enabled():
+            return torch.nn.functional.pad(snake(x, self.alpha), pad) if pad != (0, 0) else snake(x, self.alpha)
         if pad == (0, 0):
             return (x * self.alpha).sin_().square_().mul_((self.alpha + 1e-9).reciprocal()).add_(x)
         out = x.new_empty(*x.shape[:-1], pad[0] + x.shape[-1] + pad[1])
@@ -560,7 +569,7 @@ class FusedSnake(torch.nn.Module):
     def forward(self, x: torch.Tensor, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """The activation of x, with pad[0] zeros before and pad[1] after along the last dimension."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return torch.nn.functional.pad(snake(x, self.alpha), pad)
+            return torch.nn.functional.pad(snake(x, self.alpha), pad) if pad != (0, 0) else snake(x, self.alpha)
         return fused_snake(x, self.alpha, pad)
 
 
@@ -569,15 +578,15 @@ MAX_GRID_ROWS = 65535  # CUDA's limit on a grid's second dimension
 
 
 @functools.cache
-def _snake_kernel():
-    """The Triton kernel, built on first use: Triton is imported only where a FusedSnake runs. Per (batch,
-    channel) row: the channel's bias added (HAS_BIAS), the activation (SNAKE), the residual added (HAS_RESIDUAL),
-    written `left` columns into an output row of `out_length` whose other columns are zeros."""
+def _bias_snake_residual_kernel():
+    """The codec's elementwise Triton kernel, built on first use: Triton is imported only where a FusedSnake runs.
+    Per (batch, channel) row: the channel's bias added (HAS_BIAS), the Snake activation (SNAKE), the residual added
+    (HAS_RESIDUAL), written `left` columns into an output row of `out_length` whose other columns are zeros."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def snake_kernel(x_ptr, bias_ptr, alpha_ptr, residual_ptr, out_ptr, first_row, channels, length, left, out_length,
+    def bias_snake_residual_kernel(x_ptr, bias_ptr, alpha_ptr, residual_ptr, out_ptr, first_row, channels, length, left, out_length,
                      HAS_BIAS: tl.constexpr, SNAKE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(1)
         channel = (first_row + row) % channels
@@ -597,12 +606,13 @@ def _snake_kernel():
             x = tl.load(residual_ptr + offsets, mask=inside, other=0.0) + x
         tl.store(out_ptr + row.to(tl.int64) * out_length + columns, x, mask=columns < out_length)
 
-    return snake_kernel
+    return bias_snake_residual_kernel
 
 
-def _run_snake_kernel(x: torch.Tensor, pad: tuple[int, int] = (0, 0), bias=None, alpha=None, residual=None) -> torch.Tensor:
-    """_snake_kernel over x (batch, channels, length), contiguous; bias and alpha hold a value per channel, residual
-    is x's shape."""
+def _run_bias_snake_residual(x: torch.Tensor, pad: tuple[int, int] = (0, 0), bias=None, alpha=None,
+                             residual=None) -> torch.Tensor:
+    """_bias_snake_residual_kernel over x (batch, channels, length); bias and alpha hold a value per channel (or are
+    None: left out), residual is x's shape (or None)."""
     batch, channels, length = x.shape
     rows, out_length = batch * channels, pad[0] + length + pad[1]
     out = x.new_empty(batch, channels, out_length)
@@ -614,7 +624,7 @@ def _run_snake_kernel(x: torch.Tensor, pad: tuple[int, int] = (0, 0), bias=None,
     for first in range(0, rows, MAX_GRID_ROWS):
         count = min(MAX_GRID_ROWS, rows - first)
         grid = ((out_length + SNAKE_BLOCK - 1) // SNAKE_BLOCK, count)
-        _snake_kernel()[grid](flat_x[first:], bias, alpha, flat_residual[first:], flat_out[first:], first, channels,
+        _bias_snake_residual_kernel()[grid](flat_x[first:], bias, alpha, flat_residual[first:], flat_out[first:], first, channels,
                               length, pad[0], out_length, **flags, BLOCK=SNAKE_BLOCK, enable_fp_fusion=False)
     return out
 
@@ -624,12 +634,12 @@ def fused_snake(x: torch.Tensor, alpha: torch.Tensor, pad: tuple[int, int] = (0,
     shape (1, channels, 1), in one pass, with pad[0] zeros before and pad[1] after along the last dimension: op for op
     as the library's formula, each rounded alone (no fused multiply-add), so equal to it within fp32 rounding (Triton
     flushes denormals to zero)."""
-    return _run_snake_kernel(x, pad, bias=bias, alpha=alpha)
+    return _run_bias_snake_residual(x, pad, bias=bias, alpha=alpha)
 
 
 def fused_bias_residual(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + (x + bias) in one pass, for x and residual of shape (batch, channels, length) and a bias per channel."""
-    return _run_snake_kernel(x, bias=bias, residual=residual)
+    return _run_bias_snake_residual(x, bias=bias, residual=residual)
 
 
 @functools.cache
@@ -681,8 +691,10 @@ class FusedResidualUnit(torch.nn.Module):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.unit(x)
         first, _, second, _ = self.unit.block
+        x = x.contiguous()  # once: the first Snake and the residual read it
         y = _conv_without_bias(first.conv, first.snake(x, _causal_padding(first.conv, x)))
-        y = _conv_without_bias(second.conv, fused_snake(y, second.snake.alpha, _causal_padding(second.conv, y), first.conv.conv.bias))
+        y = fused_snake(y, second.snake.alpha, _causal_padding(second.conv, y), bias=first.conv.conv.bias)
+        y = _conv_without_bias(second.conv, y)
         return fused_bias_residual(y, second.conv.conv.bias, x)  # a causal unit keeps the length: no crop
 
 
@@ -694,6 +706,7 @@ def _causal_padding(conv: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 
 def _conv_without_bias(conv: torch.nn.Module, padded: torch.Tensor) -> torch.Tensor:
+    """CausalConvNet `conv`'s convolution of its already padded input, without the bias."""
     layer = conv.conv
     return torch.nn.functional.conv1d(padded, layer.weight, None, layer.stride, 0, layer.dilation, layer.groups)
 
@@ -708,9 +721,13 @@ def _fuse_residual_units(codec: torch.nn.Module) -> None:
                 setattr(module, name, FusedResidualUnit(child))
 
 
-def _fusable(block) -> bool:
-    return (len(block) == 4 and all(isinstance(block[i], SnakeThenCausalConv) and isinstance(block[i].snake, FusedSnake) for i in (0, 2))
-            and block[0].conv.conv.padding == block[2].conv.conv.padding == (0,))
+def _fusable(block: torch.nn.Sequential) -> bool:
+    """Whether a ResidualUnit's block is two FusedSnakes, each joined to a causal convolution without padding of its own."""
+    joined = [block[0], block[2]] if len(block) == 4 else []
+    return bool(joined) and all(
+        isinstance(step, SnakeThenCausalConv) and isinstance(step.snake, FusedSnake) and step.conv.conv.padding == (0,)
+        for step in joined
+    )
 
 
 def _join_snakes_to_convs(codec: torch.nn.Module) -> None:

@@ -66,7 +66,8 @@ check_disk_space() {
 install_python_packages() {
   say "installing Python packages (poetry install; first run downloads torch, about 3 GB)"
   # not --quiet: it hides the error too. --compile writes the bytecode pip would: without it, where Python may not
-  # write bytecode (PYTHONDONTWRITEBYTECODE), every process compiles torch's sources again (seconds each)
+  # write bytecode (PYTHONDONTWRITEBYTECODE), every process compiles torch's sources again (seconds each). It
+  # compiles what this run installs; a .venv made before keeps what it has (delete it to rebuild it compiled).
   "$POETRY" install --no-interaction --compile
   # fish-speech and the descript codec packages declare deps that can't be installed cleanly
   # (pyaudio, gradio, protobuf<3.20, ...); pyproject.toml lists what their code really imports.

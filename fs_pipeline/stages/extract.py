@@ -9,9 +9,10 @@ Skips   a clip whose audio hash, codec identity and .npy hash match its record, 
 Speed: clips are decoded in DataLoader workers; each batch's codes come back to the host by an asynchronous
 copy, and a second thread writes them while the GPU encodes the next batch. `encode` computes only the codes
 (the codec's own encode also rebuilds features it then drops). On CUDA, load_codec runs each of the codec's
-Snake activations as one fused Triton kernel where Triton runs there (else the library's), writing straight into
-the padded input of the causal convolution after it and adding the bias of the convolution before it
-(models.FusedResidualUnit), and its transformers build their attention masks on the GPU. The codec's matmuls run in fp32, as fish-speech's: TF32 matmuls were 1.12x faster
+Snake activations as one fused Triton kernel where Triton runs there (else the library's), which writes straight
+into the padded input of the causal convolution after it; inside a residual unit the convolutions' biases are
+added by the kernels after them (models.FusedResidualUnit). Its transformers build their attention masks on the
+GPU. The codec's matmuls run in fp32, as fish-speech's: TF32 matmuls were 1.12x faster
 on an H200 but gave other codes for 0.84% of entries (benchmarks/RESULTS.md, issue 22). `compile` (off by
 default) compiles the encoder on CUDA: at full size its compilation took over a minute on an H100 and its gain is
 not measured yet (benchmarks/RESULTS.md, 2026-11-27).
