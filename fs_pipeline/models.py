@@ -464,7 +464,8 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     """The codec with its release weights, weight norm folded, in eval mode. It runs in fp32: it is small next to the LLM,
     and its quantizer's nearest-codeword search is sensitive to rounding. Its Snake activations are computed by
     FusedSnake on CUDA where Triton works there, by InPlaceSnake off CUDA, and by the library's own version otherwise;
-    the first two write straight into the padded input of the causal convolution after them (SnakeThenCausalConv),
+    the first two write straight into the padded input of the causal convolution after them (SnakeThenCausalConv; not
+    on MPS),
     and on CUDA the causal residual units add their convolutions' biases in the kernels after them (FusedResidualUnit);
     its causal transformers make their attention masks where they run (_make_masks_on_device)."""
     codec = codec_skeleton(model_dir.codec_cfg, model_dir.version, model_dir.codec_config_file)
@@ -485,10 +486,12 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
 def faster_layers(codec: torch.nn.Module, snakes: type | None, device: torch.device) -> torch.nn.Module:
     """load_codec's changes to the library codec's layers, on `device`: its Snake1d activations swapped for `snakes`
     (None: kept), each of those joined to the causal convolution after it, FusedSnake's residual units fused, and
-    weight norm folded."""
+    weight norm folded. Not joined on MPS: there InPlaceSnake would write through a strided view of the padded
+    buffer, which only a Mac could test."""
     if snakes is not None:
         _swap_snakes(codec, snakes)
-    _join_snakes_to_convs(codec)
+    if device.type != "mps":
+        _join_snakes_to_convs(codec)
     _fuse_residual_units(codec)
     codec = codec.to(device)
     # folded where the codec runs: the weights the library would compute there on every call, the CPU spared the work

@@ -85,6 +85,14 @@ def test_in_place_snakes_and_folded_weight_norm_give_the_library_codecs_values_e
     assert torch.equal(codec.encoder(audio), library.encoder(audio))  # where autograd records: the library's formula
 
 
+def test_on_mps_the_snakes_are_not_joined_to_their_convolutions(tiny_model_dir, monkeypatch):
+    # an MPS device can't exist here: the move is left out, what faster_layers decides for MPS is what is checked
+    monkeypatch.setattr(torch.nn.Module, "to", lambda module, *args, **kwargs: module)
+    codec = models.faster_layers(build_codec(tiny_model_dir.codec_cfg), InPlaceSnake, torch.device("mps"))
+    assert any(isinstance(m, InPlaceSnake) for m in codec.modules())
+    assert not any(isinstance(m, (models.SnakeThenCausalConv, models.FusedResidualUnit)) for m in codec.modules())
+
+
 def weights_from_file(codec, model_path):
     """`codec` with the weights of model_path's codec.pth copied over its own (all but the derived tables)."""
     state = torch.load(model_path / "codec.pth", map_location="cpu", weights_only=True)
