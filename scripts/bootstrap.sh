@@ -65,10 +65,13 @@ check_disk_space() {
 
 install_python_packages() {
   say "installing Python packages (poetry install; first run downloads torch, about 3 GB)"
-  # not --quiet: it hides the error too. --compile writes the bytecode pip would: without it, where Python may not
-  # write bytecode (PYTHONDONTWRITEBYTECODE), every process compiles torch's sources again (seconds each). It
-  # compiles what this run installs; a .venv made before keeps what it has (delete it to rebuild it compiled).
-  "$POETRY" install --no-interaction --compile
+  # Where Python may not write bytecode itself (PYTHONDONTWRITEBYTECODE, as on our machines), --compile writes it at
+  # install: without it every process compiles torch's sources again (seconds each). Elsewhere Python writes it on
+  # first import, for only what is imported, and the install is spared a minute or two of compiling. It compiles
+  # what this run installs; a .venv made before keeps what it has (delete it to rebuild it compiled).
+  local compile=()
+  [ -n "${PYTHONDONTWRITEBYTECODE:-}" ] && compile=(--compile)
+  "$POETRY" install --no-interaction "${compile[@]}"  # not --quiet: it hides the error too
   # fish-speech and the descript codec packages declare deps that can't be installed cleanly
   # (pyaudio, gradio, protobuf<3.20, ...); pyproject.toml lists what their code really imports.
   "$POETRY" run python -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements-nodeps.txt
