@@ -465,9 +465,8 @@ def load_codec(model_dir: ModelDir, choice: DeviceChoice):
     and its quantizer's nearest-codeword search is sensitive to rounding. Its Snake activations are computed by
     FusedSnake on CUDA where Triton works there, by InPlaceSnake off CUDA, and by the library's own version otherwise;
     the first two write straight into the padded input of the causal convolution after them (SnakeThenCausalConv; not
-    on MPS),
-    and on CUDA the causal residual units add their convolutions' biases in the kernels after them (FusedResidualUnit);
-    its causal transformers make their attention masks where they run (_make_masks_on_device)."""
+    on MPS), and on CUDA the causal residual units add their convolutions' biases in the kernels after them
+    (FusedResidualUnit); its causal transformers make their attention masks where they run (_make_masks_on_device)."""
     codec = codec_skeleton(model_dir.codec_cfg, model_dir.version, model_dir.codec_config_file)
     file = model_dir.path / "codec.pth"
     state = _read_state_dict(file)
@@ -589,8 +588,9 @@ def _bias_snake_residual_kernel():
     import triton.language as tl
 
     @triton.jit
-    def bias_snake_residual_kernel(x_ptr, bias_ptr, alpha_ptr, residual_ptr, out_ptr, first_row, channels, length, left, out_length,
-                     HAS_BIAS: tl.constexpr, SNAKE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    def bias_snake_residual_kernel(x_ptr, bias_ptr, alpha_ptr, residual_ptr, out_ptr, first_row, channels, length, left,
+                                   out_length, HAS_BIAS: tl.constexpr, SNAKE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                                   BLOCK: tl.constexpr):
         row = tl.program_id(1)
         channel = (first_row + row) % channels
         columns = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # of the output row
