@@ -529,9 +529,11 @@ def _fold_weight_norm(codec: torch.nn.Module) -> None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
-def snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """dac's Snake1d formula (dac.nn.layers.snake), op for op, in plain torch ops."""
-    return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+def snake(x: torch.Tensor, alpha: torch.Tensor, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """dac's Snake1d formula (dac.nn.layers.snake), op for op, in plain torch ops; with pad[0] zeros before and pad[1]
+    after along the last dimension."""
+    out = x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+    return torch.nn.functional.pad(out, pad) if pad != (0, 0) else out
 
 
 class InPlaceSnake(torch.nn.Module):
@@ -547,13 +549,11 @@ class InPlaceSnake(torch.nn.Module):
         """The activation of x, with pad[0] zeros before and pad[1] after along the last dimension. Where autograd
         records, the library's formula in torch ops (in-place ops into a buffer are not differentiable)."""
         if torch.is_grad_enabled():
-            return torch.nn.functional.pad(snake(x, self.alpha), pad) if pad != (0, 0) else snake(x, self.alpha)
-        if pad == (0, 0):
-            return (x * self.alpha).sin_().square_().mul_((self.alpha + 1e-9).reciprocal()).add_(x)
+            return snake(x, self.alpha, pad)
         out = x.new_empty(*x.shape[:-1], pad[0] + x.shape[-1] + pad[1])
         out[..., : pad[0]].zero_()
         out[..., pad[0] + x.shape[-1] :].zero_()
-        body = out[..., pad[0] : pad[0] + x.shape[-1]]
+        body = out[..., pad[0] : pad[0] + x.shape[-1]]  # all of out where nothing is padded
         torch.mul(x, self.alpha, out=body).sin_().square_().mul_((self.alpha + 1e-9).reciprocal()).add_(x)
         return out
 
@@ -571,7 +571,7 @@ class FusedSnake(torch.nn.Module):
     def forward(self, x: torch.Tensor, pad: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """The activation of x, with pad[0] zeros before and pad[1] after along the last dimension."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return torch.nn.functional.pad(snake(x, self.alpha), pad) if pad != (0, 0) else snake(x, self.alpha)
+            return snake(x, self.alpha, pad)
         return fused_snake(x, self.alpha, pad)
 
 
@@ -656,8 +656,8 @@ def fused_snake_works(device: torch.device) -> bool:
         alpha = (0.5 + torch.rand(1, 3, 1, generator=generator)).to(device)
         bias, residual = alpha.flatten() - 1, torch.randn(x.shape, generator=generator).to(device)
         with torch.inference_mode():  # each kind of call a FusedResidualUnit makes
-            torch.testing.assert_close(fused_snake(x, alpha, (7, 2)), torch.nn.functional.pad(snake(x, alpha), (7, 2)))
-            torch.testing.assert_close(fused_snake(x, alpha, (7, 0), bias), torch.nn.functional.pad(snake(x + bias[:, None], alpha), (7, 0)))
+            torch.testing.assert_close(fused_snake(x, alpha, (7, 2)), snake(x, alpha, (7, 2)))
+            torch.testing.assert_close(fused_snake(x, alpha, (7, 0), bias), snake(x + bias[:, None], alpha, (7, 0)))
             torch.testing.assert_close(fused_bias_residual(x, bias, residual), residual + (x + bias[:, None]))
     except Exception as e:  # ImportError, Triton's compile and launch errors, a wrong value: all mean "don't use it"
         logger.warning(f"the codec keeps the library's Snake activation on {device}: the fused one failed its check "
