@@ -103,14 +103,19 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     and the mask is tiled to match: no copy of the cache, and a kernel that takes a mask (flash takes none, and SDPA's
     enable_gqa on CUDA takes only flash's and the math kernel)."""
     batch, heads, length, dim = q.shape
+    if length == 1 and torch.compiler.is_compiling():
+        # a compiled decoding step (synthesis's frames). On CUDA one Triton kernel reads the cache split in parts, and
+        # a second joins them: in a CUDA graph on an H200, 12 us a slow layer over 2048 positions and 3.8 us a fast
+        # one, against 22 and 4.8 us for the sums below, which inductor makes into several reductions over few rows.
+        # Elsewhere those sums.
+        if q.is_cuda:
+            return decode_attention(q, k, v, mask.expand(batch, 1, 1, k.shape[2]).reshape(batch, k.shape[2]))
+        attention = _attention_by_sums
+    else:  # longer queries (a prompt's prefill, also inside training's compiled blocks when its test clips speak)
+        attention = F.scaled_dot_product_attention
     groups = heads // k.shape[1]
     rows = q.reshape(batch, k.shape[1], groups * length, dim)  # row g * length + i: query head (kv head * groups + g), position i
     mask = mask.repeat(1, 1, groups, 1)
-    # a compiled decoding step (one position: synthesis's frames): the sums written out, which inductor fuses into
-    # reductions that each read the cache once; cuDNN's kernel took 44 us a call there (H200). Longer queries (a
-    # prompt's prefill, also inside training's compiled blocks when its test clips speak) keep SDPA's kernels.
-    one_position = length == 1 and torch.compiler.is_compiling()
-    attention = _attention_by_sums if one_position else F.scaled_dot_product_attention
     return attention(rows, k, v, attn_mask=mask).reshape(batch, heads, length, dim)
 
 
@@ -122,8 +127,110 @@ def _attention_by_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_m
     return (weights.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).to(q.dtype)
 
 
+# decode_attention: at most this many parts of the cache per (batch, key-value head), each read by one program in
+# blocks of DECODE_BLOCK positions: 8 heads x 64 parts of 32 positions for S1-mini's 2048-position caches. The fastest
+# of 4 block sizes x 5 part counts on an H200 at 2048, 8192 and 10 (the fast transformer's) positions.
+DECODE_SPLITS = 64
+DECODE_BLOCK = 16
+
+
+@torch.library.custom_op("fs_pipeline::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one position's q (batch, heads, 1, dim) over a KV cache's k and v (batch, fewer heads, positions,
+    dim) where mask (batch, positions) is True: scaled_dot_product_attention's values (fp32 sums and softmax, output in
+    q's dtype), computed by two Triton kernels. The first splits each key-value head's positions into parts, one
+    program each, which attends every query head of the group over its part (a running maximum and sum, as flash
+    attention keeps); the second joins the parts. An opaque op for torch.compile, so that a CUDA graph replays the
+    kernels without Python. Needs Triton: on CUDA (or on CPU tensors under TRITON_INTERPRET=1, for tests)."""
+    import triton
+
+    partial_kernel, join_kernel = _decode_attention_kernels()
+    batch, heads, _, dim = q.shape
+    kv_heads, positions = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    splits = min(DECODE_SPLITS, triton.cdiv(positions, DECODE_BLOCK))
+    part = triton.cdiv(triton.cdiv(positions, splits), DECODE_BLOCK) * DECODE_BLOCK
+    splits = triton.cdiv(positions, part)
+    q, k, v, mask = q.contiguous(), k.contiguous(), v.contiguous(), mask.contiguous()
+    maxima = q.new_empty(batch * kv_heads, splits, groups, dtype=torch.float32)
+    sums, weighted = torch.empty_like(maxima), q.new_empty(batch * kv_heads, splits, groups, dim, dtype=torch.float32)
+    out = torch.empty_like(q)
+    sizes = {"GROUPS": groups, "GROUPS_P2": triton.next_power_of_2(groups), "DIM": dim, "DIM_P2": triton.next_power_of_2(dim)}
+    partial_kernel[(batch * kv_heads, splits)](q, k, v, mask, maxima, sums, weighted, kv_heads, positions, splits, dim**-0.5,
+                                               PART=part, **sizes, BLOCK=DECODE_BLOCK)
+    join_kernel[(batch * kv_heads,)](maxima, sums, weighted, out, splits, **sizes, SPLITS_P2=triton.next_power_of_2(splits))
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k, v, mask):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@functools.cache
+def _decode_attention_kernels():
+    """decode_attention's two Triton kernels, built on first use (Triton is imported only where they run)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def attend_part(q_ptr, k_ptr, v_ptr, mask_ptr, maxima_ptr, sums_ptr, weighted_ptr, kv_heads, positions, splits, scale,
+                    PART: tl.constexpr, GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, DIM: tl.constexpr, DIM_P2: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        head, split = tl.program_id(0), tl.program_id(1)  # head: batch * kv_heads + key-value head
+        batch = head // kv_heads
+        rows, dims = tl.arange(0, GROUPS_P2), tl.arange(0, DIM_P2)
+        row_ok, dim_ok = rows < GROUPS, dims < DIM
+        q = tl.load(q_ptr + (head * GROUPS + rows)[:, None] * DIM + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                    other=0.0).to(tl.float32)
+        maximum = tl.full([GROUPS_P2], -float("inf"), tl.float32)
+        total = tl.full([GROUPS_P2], 0.0, tl.float32)
+        weighted = tl.full([GROUPS_P2, DIM_P2], 0.0, tl.float32)
+        for offset in range(0, PART, BLOCK):
+            at = split * PART + offset + tl.arange(0, BLOCK)
+            inside = at < positions
+            seen = inside & (tl.load(mask_ptr + batch.to(tl.int64) * positions + at, mask=inside, other=0) != 0)
+            cells = (head.to(tl.int64) * positions + at)[:, None] * DIM + dims[None, :]
+            k = tl.load(k_ptr + cells, mask=inside[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (rows, BLOCK)
+            scores = tl.where(seen[None, :], scores, -float("inf"))
+            new_maximum = tl.maximum(maximum, tl.max(scores, axis=1))
+            shift = tl.where(new_maximum == -float("inf"), 0.0, new_maximum)  # nothing seen yet: every weight is 0
+            weights = tl.exp(scores - shift[:, None])
+            rescale = tl.exp(maximum - shift)
+            v = tl.load(v_ptr + cells, mask=inside[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+            total = total * rescale + tl.sum(weights, axis=1)
+            weighted = weighted * rescale[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
+            maximum = new_maximum
+        slot = head * splits + split
+        tl.store(maxima_ptr + slot * GROUPS + rows, maximum, mask=row_ok)
+        tl.store(sums_ptr + slot * GROUPS + rows, total, mask=row_ok)
+        tl.store(weighted_ptr + (slot * GROUPS + rows)[:, None] * DIM + dims[None, :], weighted, mask=row_ok[:, None] & dim_ok[None, :])
+
+    @triton.jit
+    def join_parts(maxima_ptr, sums_ptr, weighted_ptr, out_ptr, splits, GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr,
+                   DIM: tl.constexpr, DIM_P2: tl.constexpr, SPLITS_P2: tl.constexpr):
+        head = tl.program_id(0)
+        parts, rows, dims = tl.arange(0, SPLITS_P2), tl.arange(0, GROUPS_P2), tl.arange(0, DIM_P2)
+        ok = (parts < splits)[:, None] & (rows < GROUPS)[None, :]  # (parts, rows)
+        slots = (head * splits + parts)[:, None] * GROUPS + rows[None, :]
+        maxima = tl.load(maxima_ptr + slots, mask=ok, other=-float("inf"))
+        maximum = tl.max(maxima, axis=0)  # the mask keeps position 0 of every row, so some part saw something
+        scales = tl.where(maxima == -float("inf"), 0.0, tl.exp(maxima - maximum[None, :]))
+        total = tl.sum(tl.load(sums_ptr + slots, mask=ok, other=0.0) * scales, axis=0)
+        dim_ok = dims < DIM
+        weighted = tl.load(weighted_ptr + slots[:, :, None] * DIM + dims[None, None, :], mask=ok[:, :, None] & dim_ok[None, None, :],
+                           other=0.0)
+        out = tl.sum(weighted * scales[:, :, None], axis=0) / total[:, None]
+        tl.store(out_ptr + (head * GROUPS + rows)[:, None] * DIM + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(rows < GROUPS)[:, None] & dim_ok[None, :])
+
+    return attend_part, join_parts
+
+
 def _fish_attention_forward(self, x, freqs_cis, mask, input_pos=None):
-    """fish-speech 0.1.0's Attention.forward (its SDPA branch), attending through `attend`."""
+    """fish-speech 0.1.0's Attention.forward, attending through `attend_cached` with KV caches, else through `attend` (its
+    SDPA branch) or its own arithmetic (the other branch, which its fast transformer takes)."""
     from fish_speech.models.text2semantic.llama import apply_rotary_emb
 
     bsz, seqlen, _ = x.shape
@@ -136,22 +243,49 @@ def _fish_attention_forward(self, x, freqs_cis, mask, input_pos=None):
         q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    dropout = self.dropout if self.training else 0.0
     if self.kv_cache is not None:  # generation: fish-speech always passes a mask with its caches
         y = attend_cached(q, *self.kv_cache.update(input_pos, k, v), mask)
-    else:
-        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
+    elif self.use_sdpa:
+        y = attend(q, k, v, mask, dropout)
+    else:  # the fast transformer's: fish-speech's own arithmetic, the fastest at ten positions (benchmarks/train_kernels.py)
+        groups = self.n_head // self.n_local_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        y = self.eq_scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     return self.wo(y.transpose(1, 2).contiguous().view(bsz, seqlen, q_size))
 
 
 def use_grouped_attention(model) -> None:
-    """Make S1-mini's slow transformer (fish-speech's modules, which repeat keys and values to every head and force
-    flash) attend through `attend`, and with KV caches (generation) through `attend_cached`: the same values, by the
-    faster kernel, without copying the cache. S2-Pro's modules (fs_pipeline.s2pro) call `attend` themselves. The fast
-    transformer keeps fish-speech's own arithmetic (its layers don't use SDPA, and at ten positions that arithmetic was
-    the fastest, benchmarks/train_kernels.py)."""
-    for block in model.layers:
-        if getattr(block.attention, "use_sdpa", False):
+    """Make S1-mini's transformers (fish-speech's modules, which repeat keys and values to every head, and force flash in
+    the slow one) attend through `attend` and with KV caches (generation) through `attend_cached`: the same values, by
+    faster kernels, without copying the cache. S2-Pro's modules (fs_pipeline.s2pro) call `attend` themselves. Without
+    caches the fast transformer keeps fish-speech's own arithmetic."""
+    for block in [*model.layers, *model.fast_layers]:
+        if hasattr(block.attention, "use_sdpa"):
             block.attention.forward = types.MethodType(_fish_attention_forward, block.attention)
+
+
+def use_decoding_linears(model) -> None:
+    """Make the model's plain linear layers (not LoRA's) compute a single row, in compiled code, as a sum of products in
+    fp32 (`_linear_forward`): inductor fuses each such reduction with the norm before it and the activation or residual
+    add after it, and w1 with w3, where cuBLAS runs a kernel of its own per layer. For synthesis with --compile, whose
+    frames are launch-bound: on an H200 an S1-mini frame went from 1153 kernels (3.83 ms) to 952 (3.00 ms)."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = types.MethodType(_linear_forward, module)
+
+
+def _linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's forward; in compiled code for a single row, the products of x and the weight (in the autocast dtype,
+    as F.linear would take them) summed in fp32."""
+    if x.shape[:-1].numel() != 1 or not torch.compiler.is_compiling():
+        return F.linear(x, self.weight, self.bias)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    y = (x.to(dtype).float().unsqueeze(-2) * self.weight.to(dtype).float()).sum(-1)
+    if self.bias is not None:
+        y = y + self.bias.to(dtype).float()
+    return y.to(dtype)
 
 
 def causal_mask(model, x: torch.Tensor) -> torch.Tensor | None:

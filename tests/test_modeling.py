@@ -15,9 +15,16 @@ state by 0.3 to 0.6, with attention that sees the rest of the row by 0.7. Label-
 one, a codebook target off by one, a wrong count) do not touch logits: the loss test catches those.
 """
 
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
+from fs_pipeline import modeling
 from fs_pipeline.modeling import IGNORE, _attention_by_sums, fast_forward, forward, frame_index, slow_forward, target_counts, use_grouped_attention
 from fs_pipeline.models import load_llm
 from fs_pipeline.prompt import prompt_values, training_example
@@ -148,16 +155,26 @@ def test_logits_match_fish_speech_inference_at_every_position(tiny_model_dir, cp
 def cached_decoding(model, sequence: torch.Tensor, prompt_length: int, cache_positions: int) -> list[torch.Tensor]:
     """fish-speech's forward_generate over `sequence` (num_codebooks + 1, length) as synthesis runs it: KV caches of
     `cache_positions` (more than the sequence, as synthesis sizes them: the mask hides the empty slots), the prompt
-    prefilled at once, then one position a step. Per call: the token logits and the fast transformer's input."""
+    prefilled at once, then one position a step, each followed by the fast transformer's steps over the next
+    position's codes, one codebook at a time with its own caches. Per slow call: the token logits, the fast
+    transformer's input and its codebook logits."""
     model.setup_caches(max_batch_size=1, max_seq_len=cache_positions, dtype=torch.float32)
     calls = [(sequence[None, :, :prompt_length], torch.arange(prompt_length))]
     calls += [(sequence[None, :, t : t + 1], torch.tensor([t])) for t in range(prompt_length, sequence.shape[1])]
-    return [torch.cat([result.logits.flatten(), result.hidden_states.flatten()]) for result in (model.forward_generate(*call) for call in calls)]
+    outputs = []
+    for x, positions in calls:
+        result = model.forward_generate(x, positions)
+        codes = sequence[1:, positions[-1] + 1] if positions[-1] + 1 < sequence.shape[1] else sequence[1:, 0]
+        fast = [model.forward_generate_fast(result.hidden_states[:, -1:], torch.tensor([0]))]
+        fast += [model.forward_generate_fast(model.fast_embeddings(codes[i - 1 : i][None]), torch.tensor([i])) for i in range(1, len(codes))]
+        outputs.append(torch.cat([result.logits.flatten(), result.hidden_states.flatten(), *(f.flatten() for f in fast)]))
+    return outputs
 
 
 def test_grouped_attention_reads_the_kv_caches_with_fish_speechs_values_at_every_step(tiny_model_dir, cpu):
-    """Synthesis's path (modeling.attend_cached, grouped keys and values read from the caches) against fish-speech's
-    own attention (the caches repeated to every head) at every step: a prompt's prefill, then 60 frames one by one."""
+    """Synthesis's path (modeling.attend_cached, grouped keys and values read from the caches, in the slow and the fast
+    transformer) against fish-speech's own attention (the caches repeated to every head) at every step: a prompt's
+    prefill, then 60 frames one by one, each with its fast steps."""
     theirs, ours = load_llm(tiny_model_dir, cpu), load_llm(tiny_model_dir, cpu)
     use_grouped_attention(ours)
     assert theirs.config.n_head > theirs.config.n_local_heads  # grouped, as in the releases
@@ -181,6 +198,61 @@ def test_attention_written_as_sums_equals_sdpa_with_a_mask():
     mask[..., 0] = True
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(_attention_by_sums(q, k, v, attn_mask=mask), expected, rtol=0, atol=1e-6)
+
+
+# (query heads, key-value heads, cached positions, head size, batch, most parts a head's cache is split in)
+DECODE_SHAPES = [
+    (16, 8, 300, 128, 1, 32),  # S1-mini's slow heads; one block per part
+    (16, 8, 10, 64, 1, 32),  # its fast heads over their ten positions
+    (4, 2, 300, 16, 2, 2),  # two rows; parts of several blocks
+    (6, 2, 70, 24, 1, 32),  # groups and a head size that are not powers of two
+]
+
+
+def check_decoding_attention() -> None:
+    """modeling.decode_attention against SDPA with the cache repeated to every head, as fish-speech attends, for each
+    of DECODE_SHAPES: a mask that hides scattered positions and the whole second half of each row, so that some
+    parts see nothing. Run where TRITON_INTERPRET=1 was set before Triton was imported (its interpreter runs the
+    kernels on CPU tensors; imported first without it, Triton's own reductions can't be interpreted)."""
+    for heads, kv_heads, positions, dim, batch, splits in DECODE_SHAPES:
+        modeling.DECODE_SPLITS = splits
+        generator = torch.Generator().manual_seed(0)
+        q = torch.randn(batch, heads, 1, dim, generator=generator)
+        k, v = torch.randn(2, batch, kv_heads, positions, dim, generator=generator)
+        mask = torch.rand(batch, positions, generator=generator) > 0.3
+        mask[:, 0], mask[:, positions // 2 :] = True, False
+        groups = heads // kv_heads
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), attn_mask=mask[:, None, None, :])
+        with warnings.catch_warnings():  # numpy's, on the -inf of padding rows the kernel never stores
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = modeling.decode_attention(q, k, v, mask)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=lambda m: f"shape {heads, kv_heads, positions, dim, batch}: {m}")
+
+
+def test_the_decoding_attention_kernel_gives_sdpas_values():
+    """The Triton kernels of compiled decoding on CUDA, run by Triton's interpreter in a process of their own."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    check = subprocess.run([sys.executable, "-c", "from tests.test_modeling import check_decoding_attention; check_decoding_attention()"],
+                           cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr[-3000:]
+
+
+def test_decoding_linears_sum_one_rows_products_when_compiled(cpu):
+    """modeling.use_decoding_linears: in compiled code a single row is a sum of products (fp32), more rows take
+    F.linear; both give the layer's values. LoRA's layers keep their own forward."""
+    import loralib
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40, bias=False), loralib.Linear(40, 8, r=2))
+    modeling.use_decoding_linears(model)
+    assert "forward" in vars(model[0]) and "forward" in vars(model[1]) and "forward" not in vars(model[2])
+    compiled = torch.compile(model[:2], fullgraph=True, dynamic=False)
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 3):
+        x = torch.randn(1, rows, 64, generator=generator)
+        expected = torch.nn.functional.linear(torch.nn.functional.linear(x, model[0].weight, model[0].bias), model[1].weight)
+        torch.testing.assert_close(compiled(x), expected, rtol=0, atol=1e-5)
 
 
 def test_loss_matches_a_reference_from_fish_speech_logits(tiny_model_dir, cpu, upstream):
