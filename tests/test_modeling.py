@@ -227,6 +227,9 @@ def check_decoding_attention() -> None:
         with warnings.catch_warnings():  # numpy's, on the -inf of padding rows the kernel never stores
             warnings.simplefilter("ignore", RuntimeWarning)
             got = modeling.decode_attention(q, k, v, mask)
+            if positions == 10:  # the op as torch.compile sees it: its schema, its fake (meta) version, traced
+                torch.library.opcheck(modeling.decode_attention, (q, k, v, mask),
+                                      test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=lambda m: f"shape {heads, kv_heads, positions, dim, batch}: {m}")
 
 
@@ -240,19 +243,28 @@ def test_the_decoding_attention_kernel_gives_sdpas_values():
 
 
 def test_decoding_linears_sum_one_rows_products_when_compiled(cpu):
-    """modeling.use_decoding_linears: in compiled code a single row is a sum of products (fp32), more rows take
-    F.linear; both give the layer's values. LoRA's layers keep their own forward."""
+    """modeling.use_decoding_linears: in compiled code a single row is a sum of products (fp32; no matrix product in
+    the generated code), more rows take F.linear; both give the layers' values, also under autocast (its dtype, as
+    F.linear rounds). LoRA's layers keep their own forward."""
     import loralib
+    from torch._inductor.utils import run_and_get_code
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40, bias=False), loralib.Linear(40, 8, r=2))
     modeling.use_decoding_linears(model)
     assert "forward" in vars(model[0]) and "forward" in vars(model[1]) and "forward" not in vars(model[2])
-    compiled = torch.compile(model[:2], fullgraph=True, dynamic=False)
     generator = torch.Generator().manual_seed(0)
-    for rows in (1, 3):
+    for rows, autocast in ((1, False), (3, False), (1, True)):
+        torch._dynamo.reset()
+        compiled = torch.compile(model[:2], fullgraph=True, dynamic=False)
         x = torch.randn(1, rows, 64, generator=generator)
-        expected = torch.nn.functional.linear(torch.nn.functional.linear(x, model[0].weight, model[0].bias), model[1].weight)
-        torch.testing.assert_close(compiled(x), expected, rtol=0, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            expected = torch.nn.functional.linear(torch.nn.functional.linear(x, model[0].weight, model[0].bias), model[1].weight)
+            got, code = run_and_get_code(compiled, x)
+        assert got.dtype == expected.dtype == (torch.bfloat16 if autocast else torch.float32)
+        # under autocast both round each layer's output to bf16, and a rounding apart in the first moves the second
+        # by up to a bf16 step (values below 1 here: 4e-3 is two); a bias left out moves them by about 0.1
+        torch.testing.assert_close(got, expected, rtol=0, atol=4e-3 if autocast else 1e-5)
+        assert ("extern_kernels.mm" in code[0] or "extern_kernels.addmm" in code[0]) == (rows > 1)
 
 
 def test_loss_matches_a_reference_from_fish_speech_logits(tiny_model_dir, cpu, upstream):
