@@ -138,9 +138,9 @@ DECODE_BLOCK = 16
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of one position's q (batch, heads, 1, dim) over a KV cache's k and v (batch, fewer heads, positions,
     dim) where mask (batch, positions) is True, which it must be somewhere in each row (a causal mask always shows
-    position 0): scaled_dot_product_attention's values (fp32 sums and softmax, output in q's dtype), by two Triton kernels. The first splits each key-value head's positions into parts, one
-    program each, which attends every query head of the group over its part (a running maximum and sum, as flash
-    attention keeps); the second joins the parts. An opaque op for torch.compile, so that a CUDA graph replays the
+    position 0): scaled_dot_product_attention's values (fp32 sums and softmax, output in q's dtype), by two Triton
+    kernels. The first splits each key-value head's positions into parts, one program each, which attends every query
+    head of the group over its part (a running maximum and sum, as flash attention keeps); the second joins the parts. An opaque op for torch.compile, so that a CUDA graph replays the
     kernels without Python. Needs Triton: on CUDA (or on CPU tensors under TRITON_INTERPRET=1, for tests)."""
     import triton
 
